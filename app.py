@@ -1,0 +1,184 @@
+"""Mental-health support chat: Gradio UI with Chat and About views.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--model smollm2-135m-instruct]
+                  [--adapter PATH|HUB_ID|none] [--quantize auto|4bit|8bit|none] [--region US]
+
+Every option can also come from an environment variable (CHATBOT_HOST, CHATBOT_PORT, ...), which
+is how Hugging Face Spaces configures it. The model loads at start-up, never at import.
+API for gradio_client: client.predict(message, api_name="/chat") -> reply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # privacy: no usage analytics by default
+
+from chatbot.config import DEFAULT_ADAPTER, DEFAULT_MODEL, QUANTIZE_CHOICES, GenerationConfig, Limits, ModelConfig
+
+log = logging.getLogger("app")
+
+DISCLAIMER = (
+    "**This is an AI, not a therapist or a crisis service.** It can listen and share general "
+    "ideas, but it is not a substitute for professional care. Conversations are not stored."
+)
+EXAMPLES = [
+    "I've been feeling really stressed about my exams.",
+    "I feel lonely since I moved to a new city.",
+    "How can I support a friend who seems down?",
+    "I can't sleep because my mind keeps racing.",
+]
+
+
+def _env(name: str, default=None):
+    return os.environ.get(f"CHATBOT_{name}", default)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    default_adapter = str(DEFAULT_ADAPTER) if (DEFAULT_ADAPTER / "adapter_config.json").is_file() else "none"
+    p = argparse.ArgumentParser(description="Mental-health support chatbot (Gradio).")
+    p.add_argument("--host", default=_env("HOST", os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")),
+                   help="address to bind (env CHATBOT_HOST); 0.0.0.0 exposes it to the network")
+    p.add_argument("--port", type=int, default=int(_env("PORT", os.environ.get("GRADIO_SERVER_PORT", 7860))),
+                   help="port (env CHATBOT_PORT)")
+    p.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL),
+                   help=f"'{DEFAULT_MODEL}' (built in), a Hub id or a local folder (env CHATBOT_MODEL)")
+    p.add_argument("--adapter", default=_env("ADAPTER", default_adapter),
+                   help="LoRA adapter folder or Hub id, or 'none' (env CHATBOT_ADAPTER)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=_env("QUANTIZE", "auto"),
+                   help="auto: 4-bit NF4 on CUDA, full precision on CPU (env CHATBOT_QUANTIZE)")
+    p.add_argument("--merge", action="store_true", default=_env("MERGE", "0") in ("1", "true", "yes"),
+                   help="merge the adapter into the weights: fastest, but no base-model comparison (env CHATBOT_MERGE)")
+    p.add_argument("--region", default=_env("REGION", "INTL"),
+                   help="crisis resources region, e.g. US, GB, IN; INTL for the international directory (env CHATBOT_REGION)")
+    p.add_argument("--max-new-tokens", type=int, default=int(_env("MAX_NEW_TOKENS", 256)), help="longest reply in tokens")
+    p.add_argument("--queue-size", type=int, default=Limits().queue_size, help="requests waiting before 'busy' (env QUEUE_MAX_SIZE)")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "WARNING"), help="message text is never logged at any level")
+    return p.parse_args(argv)
+
+
+class StopEvents:
+    """One stop event per browser session, so the Stop button halts that session's generation."""
+
+    def __init__(self):
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def new(self, session: str | None) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._events[session or ""] = event
+        return event
+
+    def stop(self, session: str | None) -> None:
+        with self._lock:
+            event = self._events.pop(session or "", None)
+        if event:
+            event.set()
+
+
+def build_demo(service, regions: list[tuple[str, str]], default_region: str = "INTL", title: str = "Support chat"):
+    """The Gradio app around a ChatService. No model is loaded here."""
+    import gradio as gr
+
+    from safety import ConversationState
+
+    stops = StopEvents()
+    guard = service.guard
+
+    def banner(region):
+        return f"🆘 {guard.resources_line(region)}"
+
+    def submit(message, history, conversation, region, request: gr.Request):
+        history = list(history or [])
+        stop = stops.new(getattr(request, "session_hash", None))
+        history = history + [{"role": "user", "content": message or ""}, {"role": "assistant", "content": "…"}]
+        yield history, "", conversation, banner(region)
+        for text in service.respond(message, history[:-2], conversation, region, stop=stop):
+            history[-1] = {"role": "assistant", "content": text}
+            yield history, "", conversation, banner(region)
+
+    def stop_generation(request: gr.Request):
+        stops.stop(getattr(request, "session_hash", None))
+
+    def chat_api(message: str) -> str:
+        """One-turn chat: the assistant's screened reply to `message`."""
+        return service.reply(message, conversation=ConversationState(), region=default_region)
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {title}\n{DISCLAIMER}")
+        resources = gr.Markdown(banner(default_region), elem_id="crisis-resources")
+        with gr.Tab("Chat"):
+            conversation = gr.State(ConversationState())
+            chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chat", sanitize_html=True,
+                                 render_markdown=True, buttons=["copy"])
+            with gr.Row():
+                box = gr.Textbox(placeholder="Write how you're feeling…", show_label=False, scale=8,
+                                 elem_id="message", max_lines=8)
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                stop = gr.Button("Stop", scale=1, elem_id="stop")
+            region = gr.Dropdown(choices=regions, value=default_region, label="Your region (for crisis resources)")
+            gr.Examples(EXAMPLES, inputs=box, label="Try")
+            clear = gr.Button("New conversation", size="sm")
+        with gr.Tab("About"):
+            gr.Markdown(about_text(service))
+
+        inputs = [box, chatbot, conversation, region]
+        outputs = [chatbot, box, conversation, resources]
+        events = [
+            box.submit(submit, inputs, outputs, api_visibility="private", concurrency_limit=None),
+            send.click(submit, inputs, outputs, api_visibility="private", concurrency_limit=None),
+        ]
+        stop.click(stop_generation, None, None, cancels=events, queue=False, api_visibility="private")
+        region.change(banner, region, resources, queue=False, api_visibility="private")
+        clear.click(lambda: ([], ConversationState()), None, [chatbot, conversation], queue=False,
+                    api_visibility="private")
+        gr.api(chat_api, api_name="chat")
+    return demo
+
+
+def about_text(service) -> str:
+    model = service.engine.model
+    adapters = [a for a in service.engine.adapters if a != "base"]
+    return "\n".join([
+        "## About",
+        f"- Model: `{getattr(model.config, 'name_or_path', '?')}`; adapter: {', '.join(adapters) or 'none'}.",
+        "- Every message is screened before it reaches the model, and every reply is screened sentence "
+        "by sentence before you see it. If something suggests you may be at risk, you get crisis resources.",
+        "- Conversations are not written to disk or logs.",
+        "- This assistant is an AI. It is not a therapist, doctor or crisis service.",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from chatbot.generation import ChatEngine
+    from chatbot.loading import AdapterError, ModelLoadError, load_model
+    from chatbot.service import ChatService
+    from safety import Guard, SafetyConfig
+    from safety.hotlines import directory
+
+    try:
+        cfg = ModelConfig(model=args.model, adapter=args.adapter, quantize=args.quantize, merge=args.merge)
+        model, tokenizer = load_model(cfg)
+    except (ModelLoadError, AdapterError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    guard = Guard(SafetyConfig(region=args.region))
+    guard.warm_up()
+    limits = Limits(queue_size=args.queue_size)
+    service = ChatService(ChatEngine(model, tokenizer, limits.max_input_tokens), guard,
+                          GenerationConfig(max_new_tokens=args.max_new_tokens), limits)
+    demo = build_demo(service, [(label, code) for label, code in directory().choices()], args.region)
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
+    demo.launch(server_name=args.host, server_port=args.port, show_error=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Benchmark: start-up, decoding speed and safety-check latency, each beside a baseline.
+
+    python -m bench [--tokens 64] [--json bench/results/bench.json]     (or: make bench)
+
+- first start: GGUF -> safetensors conversion into an empty cache, then load;
+- later start: load from the converted cache;
+- decoding: the app's streaming engine against plain `model.generate` (float32, greedy, same
+  prompt and token count) in the same process;
+- safety: p50/p95 latency of input and output checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+
+
+def bench_startup() -> dict:
+    from chatbot.config import ModelConfig
+    from chatbot.loading import load_model
+
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["CHATBOT_CACHE_DIR"] = cache
+        t = time.perf_counter()
+        load_model(ModelConfig(adapter=None))
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        model, tok = load_model(ModelConfig(adapter=None))
+        later = time.perf_counter() - t
+        os.environ.pop("CHATBOT_CACHE_DIR")
+    return {"first_start_s": first, "later_start_s": later}
+
+
+def bench_decoding(tokens: int) -> dict:
+    import torch
+
+    from chatbot.config import GenerationConfig, ModelConfig
+    from chatbot.generation import ChatEngine
+    from chatbot.loading import load_model
+    from chatbot.prompts import build_messages
+
+    model, tok = load_model(ModelConfig(adapter=None))
+    engine = ChatEngine(model, tok)
+    messages = build_messages([], "I've been feeling stressed about work and can't sleep. What can I do?")
+    ids, _ = engine.prepare(messages)
+    input_ids = torch.tensor([ids])
+    # force exactly `tokens` new tokens in both paths
+    gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
+    common = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.inference_mode():
+        model.generate(input_ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
+        t = time.perf_counter()
+        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **common)
+        baseline = time.perf_counter() - t
+    model.generation_config.min_new_tokens = tokens
+    t = time.perf_counter()
+    first = None
+    for _ in engine.stream(messages, gen):
+        if first is None:
+            first = time.perf_counter() - t
+    ours = time.perf_counter() - t
+    model.generation_config.min_new_tokens = None
+    return {"prompt_tokens": len(ids), "new_tokens": tokens,
+            "baseline_generate_tok_s": tokens / baseline, "engine_stream_tok_s": tokens / ours,
+            "ratio_vs_baseline": baseline / ours, "time_to_first_token_s": first}
+
+
+def bench_safety(n: int = 60) -> dict:
+    from safety import Guard
+
+    guard = Guard()
+    guard.warm_up()
+    inputs = ["I've been feeling a bit low this week and I'm not sure why.", "I want to kill myself",
+              "how do I kill a python process", "My exams are next week and I'm stressed."]
+    outputs = ["It sounds like you've had a lot on your plate. What has helped you before?",
+               "If you are thinking about suicide, please call or text 988."]
+    res = {}
+    for stage, texts, fn in (("input", inputs, guard.check_input), ("output", outputs, guard.check_output)):
+        ms = []
+        for i in range(n):
+            t = time.perf_counter()
+            fn(texts[i % len(texts)])
+            ms.append((time.perf_counter() - t) * 1000)
+        ms.sort()
+        res[f"{stage}_p50_ms"] = statistics.median(ms)
+        res[f"{stage}_p95_ms"] = ms[int(0.95 * (len(ms) - 1))]
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--json", default="bench/results/bench.json")
+    args = p.parse_args()
+    import torch
+
+    result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "startup": bench_startup(),
+              "decoding": bench_decoding(args.tokens), "safety": bench_safety()}
+    s, d, g = result["startup"], result["decoding"], result["safety"]
+    print(f"Machine: {result['machine']}")
+    print("| measure | value | baseline | ratio |\n|---|---|---|---|")
+    print(f"| first start (GGUF conversion + load) | {s['first_start_s']:.1f} s | | |")
+    print(f"| later start (load from cache) | {s['later_start_s']:.2f} s | first start | {s['first_start_s'] / s['later_start_s']:.0f}x faster |")
+    print(f"| decoding, app engine (stream) | {d['engine_stream_tok_s']:.1f} tok/s | plain generate {d['baseline_generate_tok_s']:.1f} tok/s | {d['ratio_vs_baseline']:.2f}x |")
+    print(f"| time to first token ({d['prompt_tokens']}-token prompt) | {d['time_to_first_token_s']:.2f} s | | |")
+    print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
+    print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

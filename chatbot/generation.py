@@ -1,0 +1,175 @@
+"""Streaming generation: a plain generator of text deltas that knows nothing about the UI.
+
+    engine = ChatEngine(model, tokenizer)
+    for delta in engine.stream(messages, GenerationConfig(), stop=threading.Event()):
+        print(delta, end="")
+
+One model serves every session: generation holds a lock, so concurrent requests queue and each
+runs with the adapter it asked for. Setting the stop event (Stop button, client gone, closing the
+generator) halts `generate` at the next token.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from .config import GenerationConfig
+from .prompts import fit_to_context
+
+BASE = "base"  # adapter name that means: the base model, adapter disabled
+
+
+class StopOnEvent:
+    """A transformers StoppingCriteria that ends generation when an Event is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ThinkFilter:
+    """Drops <think>...</think> blocks from a stream of deltas (thinking-mode models like Qwen3)."""
+
+    OPEN, CLOSE = "<think>", "</think>"
+
+    def __init__(self):
+        self.buffer = ""
+        self.thinking = False
+
+    def feed(self, delta: str) -> str:
+        self.buffer += delta
+        out = []
+        while self.buffer:
+            tag = self.CLOSE if self.thinking else self.OPEN
+            idx = self.buffer.find(tag)
+            if idx >= 0:
+                if not self.thinking:
+                    out.append(self.buffer[:idx])
+                self.buffer = self.buffer[idx + len(tag) :]
+                self.thinking = not self.thinking
+                continue
+            # hold back a possible partial tag at the end
+            keep = next((k for k in range(len(tag) - 1, 0, -1) if self.buffer.endswith(tag[:k])), 0)
+            if not self.thinking:
+                out.append(self.buffer[: len(self.buffer) - keep])
+            self.buffer = self.buffer[len(self.buffer) - keep :]
+            break
+        return "".join(out)
+
+    def flush(self) -> str:
+        rest, self.buffer = ("" if self.thinking else self.buffer), ""
+        return rest
+
+
+class ChatEngine:
+    """Holds one model and tokenizer; streams replies for chat messages."""
+
+    def __init__(self, model, tokenizer, max_input_tokens: int = 1536):
+        self.model = model
+        self.tokenizer = tokenizer
+        ctx = getattr(model.config, "max_position_embeddings", 2048) or 2048
+        self.max_input_tokens = min(max_input_tokens, ctx - 64)
+        self.lock = threading.Lock()
+
+    @property
+    def adapters(self) -> list[str]:
+        """Adapter names that can be chosen per request; BASE is always available."""
+        names = list(getattr(self.model, "peft_config", {}) or {})
+        return [BASE, *names]
+
+    def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
+        return fit_to_context(self.tokenizer, messages, self.max_input_tokens)
+
+    def _adapter_context(self, adapter: str | None):
+        import contextlib
+
+        if not hasattr(self.model, "peft_config"):
+            if adapter not in (None, BASE):
+                raise ValueError(f"No adapter {adapter!r} is loaded; the model runs without adapters.")
+            return contextlib.nullcontext()
+        if adapter == BASE:
+            return self.model.disable_adapter()
+        name = adapter or self.model.active_adapter
+        if name not in self.model.peft_config:
+            raise ValueError(f"Unknown adapter {adapter!r}; loaded: {', '.join(self.adapters)}")
+        self.model.set_adapter(name)
+        return contextlib.nullcontext()
+
+    def _generate_kwargs(self, ids: list[int], gen: GenerationConfig, stop: threading.Event) -> dict:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        input_ids = torch.tensor([ids], device=self.model.device)
+        sample = gen.temperature > 0
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=gen.max_new_tokens,
+            do_sample=sample,
+            repetition_penalty=gen.repetition_penalty,
+            stopping_criteria=StoppingCriteriaList([StopOnEvent(stop)]),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if sample:
+            kwargs.update(temperature=gen.temperature, top_p=gen.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    def stream(
+        self,
+        messages: list[dict],
+        gen: GenerationConfig | None = None,
+        stop: threading.Event | None = None,
+        adapter: str | None = None,
+    ) -> Iterator[str]:
+        """Yield the reply as text deltas. Closing the generator or setting `stop` halts decoding."""
+        import torch
+        from transformers import TextIteratorStreamer
+
+        gen = gen or GenerationConfig()
+        stop = stop or threading.Event()
+        ids, _ = self.prepare(messages)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = self._generate_kwargs(ids, gen, stop)
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                with self.lock, torch.inference_mode(), self._adapter_context(adapter):
+                    if gen.seed is not None:
+                        torch.manual_seed(gen.seed)
+                    if not stop.is_set():
+                        self.model.generate(**kwargs, streamer=streamer)
+            except BaseException as exc:  # surfaced to the consumer below
+                errors.append(exc)
+            finally:
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="generate", daemon=True)
+        thread.start()
+        think = ThinkFilter()
+        try:
+            for delta in streamer:
+                text = think.feed(delta)
+                if text:
+                    yield text
+                if stop.is_set():
+                    break
+            tail = think.flush()
+            if tail and not stop.is_set():
+                yield tail
+        finally:
+            stop.set()  # the consumer is gone or done: free the model at the next token
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def reply(self, messages: list[dict], gen: GenerationConfig | None = None, adapter: str | None = None) -> str:
+        """The whole reply as one string."""
+        return "".join(self.stream(messages, gen, adapter=adapter)).strip()

@@ -1,0 +1,105 @@
+"""One chat turn, end to end: clean the message, screen it, stream a screened reply.
+
+UI-agnostic: app.py, the API endpoints, the benchmark and the load test all call this. The guard
+is passed in (anything with check_input, stream, crisis_response and resources_line; in the app,
+safety.Guard), so this package never imports the safety layer's internals.
+
+Nothing here writes message text to disk or logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import unicodedata
+from collections.abc import Iterator
+
+from .config import GenerationConfig, Limits
+from .generation import ChatEngine
+from .prompts import build_messages
+
+log = logging.getLogger(__name__)
+
+EMPTY_REPLY = "It looks like that message was empty. Take your time. What's on your mind?"
+TRIMMED_NOTICE = "*(Your message was long, so I read the first {n:,} characters.)*\n\n"
+ERROR_NOTICE = ("*Sorry, something went wrong while I was writing that reply. Your conversation is "
+                "kept; please try sending your message again.*")
+NO_REPLY = "I'm here and listening. Could you tell me a little more?"
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def clean_message(message) -> str:
+    """Make any input a safe plain string: no lone surrogates or control characters."""
+    if message is None:
+        return ""
+    if not isinstance(message, str):
+        message = str(message)
+    message = message.encode("utf-8", "replace").decode("utf-8")
+    message = _CONTROL.sub(" ", unicodedata.normalize("NFC", message))
+    return message.strip()
+
+
+class ChatService:
+    def __init__(self, engine: ChatEngine, guard, gen: GenerationConfig | None = None, limits: Limits | None = None):
+        self.engine = engine
+        self.guard = guard
+        self.gen = gen or GenerationConfig()
+        self.limits = limits or Limits()
+
+    def _prepare(self, message) -> tuple[str, str]:
+        """(text the model will read, notice to show) for a raw message."""
+        text = clean_message(message)
+        if len(text) > self.limits.max_input_chars:
+            return text[: self.limits.max_input_chars], TRIMMED_NOTICE.format(n=self.limits.max_input_chars)
+        return text, ""
+
+    def respond(
+        self,
+        message,
+        history: list[dict] | None = None,
+        conversation=None,
+        region: str | None = None,
+        adapter: str | None = None,
+        stop: threading.Event | None = None,
+        gen: GenerationConfig | None = None,
+    ) -> Iterator[str]:
+        """Yield the assistant's reply so far (cumulative Markdown), screened before and after."""
+        full = clean_message(message)
+        if not full:
+            yield EMPTY_REPLY
+            return
+        text, notice = self._prepare(full)
+        verdict = self.guard.check_input(full, conversation)  # the whole message, not just what the model reads
+        if verdict.crisis:
+            yield self.guard.crisis_response(region, about_other=verdict.category == "other")
+            return
+        messages = build_messages(history or [], text)
+        reply = ""
+        try:
+            deltas = self.engine.stream(messages, gen or self.gen, stop=stop, adapter=adapter)
+            for event in self.guard.stream(deltas, region):
+                if event.replace is not None:
+                    if conversation is not None:
+                        conversation.at_risk = True
+                    yield event.replace
+                    return
+                reply += event.text
+                yield notice + reply
+        except Exception as exc:  # noqa: BLE001 - the user gets a short message, the app keeps serving
+            log.error("generation failed: %s", type(exc).__name__)
+            yield notice + (reply + "\n\n" if reply else "") + ERROR_NOTICE
+            return
+        if not reply.strip():
+            reply = "" if stop is not None and stop.is_set() else NO_REPLY
+        footer = ""
+        if conversation is not None and getattr(conversation, "at_risk", False):
+            footer = "\n\n---\n" + self.guard.resources_line(region)
+        yield notice + reply + footer
+
+    def reply(self, message, **kwargs) -> str:
+        """The final text of respond()."""
+        out = ""
+        for out in self.respond(message, **kwargs):
+            pass
+        return out

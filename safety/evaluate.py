@@ -1,0 +1,153 @@
+"""Measure the guard: recall, false-positive rate and latency per category.
+
+    python -m safety evaluate [--data ../shared/data/eval] [--json out.json] [--per-subreddit N]
+
+Sets: the project's own held-out test set (data/testset.yaml), XSTest's safe prompts, the Reddit
+Mental Health Dataset sample (r/SuicideWatch against control and support subreddits, post level)
+and the C-SSRS Reddit set (recall by severity, user level). Only aggregate figures are printed.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from .guard import ConversationState, Guard
+
+TESTSET = Path(__file__).parent / "data" / "testset.yaml"
+CONTROL_SUBREDDITS = {"conspiracy", "divorce", "guns", "legaladvice", "mindfulness", "personalfinance",
+                      "teaching", "UKPersonalFinance", "ukpolitics", "unitedkingdom"}
+CRISIS_SUBREDDIT = "suicidewatch"
+
+
+def _rate(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
+
+
+def own_testset(guard: Guard, path: Path = TESTSET) -> dict:
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    rows, latencies = [], []
+    for stage in ("input", "output"):
+        for label, groups in data[stage].items():
+            positive = label in ("crisis", "unsafe")
+            for category, texts in groups.items():
+                flags = []
+                for text in texts:
+                    started = time.perf_counter()
+                    verdict = guard.check_input(text, ConversationState()) if stage == "input" else guard.check_output(text)
+                    latencies.append((stage, time.perf_counter() - started))
+                    flags.append(verdict.crisis)
+                rows.append({"stage": stage, "label": label, "category": category, "n": len(flags),
+                             "metric": "recall" if positive else "false_positive_rate", "value": _rate(flags)})
+    summary = {}
+    for stage in ("input", "output"):
+        pos = [r for r in rows if r["stage"] == stage and r["metric"] == "recall"]
+        neg = [r for r in rows if r["stage"] == stage and r["metric"] != "recall"]
+        summary[stage] = {
+            "recall": sum(r["value"] * r["n"] for r in pos) / sum(r["n"] for r in pos),
+            "false_positive_rate": sum(r["value"] * r["n"] for r in neg) / sum(r["n"] for r in neg),
+            "n": sum(r["n"] for r in pos + neg),
+        }
+        ms = sorted(t * 1000 for s, t in latencies if s == stage)
+        summary[stage]["latency_ms_p50"] = statistics.median(ms)
+        summary[stage]["latency_ms_p95"] = ms[int(0.95 * (len(ms) - 1))]
+    return {"categories": rows, "summary": summary}
+
+
+def _flags(guard: Guard, texts: list[str]) -> list[bool]:
+    return [guard.check_input(t).crisis for t in texts]
+
+
+def xstest(guard: Guard, root: Path) -> dict:
+    with open(root / "xstest" / "xstest_prompts.csv", newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["label"] == "safe"]
+    by_type = defaultdict(list)
+    for r, flag in zip(rows, _flags(guard, [r["prompt"] for r in rows])):
+        by_type[r["type"]].append(flag)
+    return {"safe_flagged": _rate([f for v in by_type.values() for f in v]), "n": len(rows),
+            "by_type": {k: _rate(v) for k, v in by_type.items()}}
+
+
+def rmhd(guard: Guard, root: Path, per_subreddit: int | None = None) -> dict:
+    csv.field_size_limit(sys.maxsize)
+    with open(root / "rmhd-27-subreddits" / "rmhd_27subreddits_posts.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    by_sub = defaultdict(list)
+    for r in rows:
+        if per_subreddit is None or len(by_sub[r["subreddit"]]) < per_subreddit:
+            by_sub[r["subreddit"]].append(r["post"])
+    flagged = {sub: _flags(guard, posts) for sub, posts in by_sub.items()}
+    control = [f for s, v in flagged.items() if s in CONTROL_SUBREDDITS for f in v]
+    support = [f for s, v in flagged.items() if s not in CONTROL_SUBREDDITS and s != CRISIS_SUBREDDIT for f in v]
+    return {
+        "suicidewatch_recall": _rate(flagged.get(CRISIS_SUBREDDIT, [])),
+        "control_flagged": _rate(control),
+        "support_groups_flagged": _rate(support),
+        "n_posts": sum(len(v) for v in flagged.values()),
+        "by_subreddit": {s: _rate(v) for s, v in sorted(flagged.items())},
+    }
+
+
+def cssrs(guard: Guard, root: Path) -> dict:
+    csv.field_size_limit(sys.maxsize)
+    with open(root / "cssrs-reddit-500" / "500_Reddit_users_posts_labels.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    by_label = defaultdict(list)
+    for r in rows:
+        try:
+            posts = [str(p) for p in ast.literal_eval(r["Post"])]
+        except (ValueError, SyntaxError):
+            posts = [r["Post"]]
+        by_label[r["Label"]].append(any(_flags(guard, posts)))
+    return {"flagged_by_label": {k: _rate(v) for k, v in by_label.items()},
+            "n_users": {k: len(v) for k, v in by_label.items()}}
+
+
+def run(data_root: Path | None, per_subreddit: int | None = None, guard: Guard | None = None) -> dict:
+    guard = guard or Guard()
+    guard.warm_up()
+    result = {"own_testset": own_testset(guard)}
+    if data_root and Path(data_root).is_dir():
+        root = Path(data_root)
+        result["xstest"] = xstest(guard, root)
+        result["rmhd"] = rmhd(guard, root, per_subreddit)
+        result["cssrs"] = cssrs(guard, root)
+    return result
+
+
+def report(result: dict) -> str:
+    lines = ["Own held-out test set", "| stage | label | category | n | metric | value |", "|---|---|---|---|---|---|"]
+    for r in result["own_testset"]["categories"]:
+        lines.append(f"| {r['stage']} | {r['label']} | {r['category']} | {r['n']} | {r['metric']} | {r['value']:.3f} |")
+    for stage, s in result["own_testset"]["summary"].items():
+        lines.append(f"\n{stage}: recall {s['recall']:.3f}, false-positive rate {s['false_positive_rate']:.3f} "
+                     f"(n={s['n']}); latency p50 {s['latency_ms_p50']:.1f} ms, p95 {s['latency_ms_p95']:.1f} ms")
+    if "xstest" in result:
+        x = result["xstest"]
+        lines.append(f"\nXSTest safe prompts flagged: {x['safe_flagged']:.3f} (n={x['n']})")
+    if "rmhd" in result:
+        r = result["rmhd"]
+        lines.append(f"Reddit MHD: r/SuicideWatch recall {r['suicidewatch_recall']:.3f}; control subreddits flagged "
+                     f"{r['control_flagged']:.3f}; non-crisis support groups flagged {r['support_groups_flagged']:.3f} "
+                     f"(n={r['n_posts']} posts)")
+    if "cssrs" in result:
+        c = result["cssrs"]
+        parts = ", ".join(f"{k} {v:.3f} (n={c['n_users'][k]})" for k, v in sorted(c["flagged_by_label"].items()))
+        lines.append(f"C-SSRS users flagged by label: {parts}")
+    return "\n".join(lines)
+
+
+def main(data_root: str | None, json_out: str | None, per_subreddit: int | None) -> int:
+    result = run(Path(data_root) if data_root else None, per_subreddit)
+    print(report(result))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0

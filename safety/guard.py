@@ -1,0 +1,197 @@
+"""The guard: screens user input, model output and streamed replies. Errors fail closed.
+
+    guard = Guard()
+    verdict = guard.check_input("I want to die", conversation)   # crisis=True
+    for event in guard.stream(deltas, conversation):              # text released per sentence
+        ...
+
+It sits outside the model: no prompt or fine-tune can switch it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+from .classifier import EmbeddingClassifier, default_classifier
+from .lexicon import Lexicon, default_lexicon
+from .normalize import normalize
+from .responses import crisis_response, resources_line
+
+log = logging.getLogger(__name__)
+
+# a sentence ends at . ! ? or an ellipsis (optionally closed by quotes/brackets) before whitespace, or a newline
+_BOUNDARY = re.compile(r"[.!?\u2026][\"')\]\u201d\u2019*_]*\s+|\n+")
+MAX_PENDING_CHARS = 280
+MAX_SCREEN_CHARS = 20_000  # longer messages: the first and last 10,000 characters are screened
+_QUESTION = re.compile(r"^(what|what's|whats|how|why|when|where|who|which|is|are|can|could|should|does|do|did|will|would)\b[^.!]*\??$")  # a run-on reply is still checked and released at this length
+
+
+@dataclass
+class Verdict:
+    crisis: bool
+    score: float
+    reasons: list[str] = field(default_factory=list)
+    category: str | None = None
+
+    def to_json(self) -> dict:
+        return {"crisis": self.crisis, "score": round(self.score, 4), "reasons": self.reasons}
+
+
+@dataclass
+class ConversationState:
+    """Per-conversation memory: once risk has shown, it stays marked."""
+
+    at_risk: bool = False
+    flagged_turns: int = 0
+
+
+@dataclass
+class SafetyConfig:
+    region: str = field(default_factory=lambda: os.environ.get("CHATBOT_REGION", "INTL"))
+    timeout_s: float = float(os.environ.get("SAFETY_TIMEOUT_S", 3.0))
+    at_risk_factor: float = 0.6  # a marked conversation screens at 60% of the usual threshold
+    medium_factor: float = 0.6  # a medium lexicon hit needs the classifier at 60% of threshold
+    cautious_threshold: float = 0.9  # for negated mentions and information-seeking questions
+
+
+@dataclass
+class StreamEvent:
+    text: str = ""  # checked text to append to what the user sees
+    replace: str | None = None  # replace the whole reply with this (the crisis response)
+    verdict: Verdict | None = None
+
+
+def _fail_closed(reason: str) -> Verdict:
+    return Verdict(True, 1.0, [f"error:{reason}"], "error")
+
+
+class Guard:
+    def __init__(self, config: SafetyConfig | None = None, lexicon: Lexicon | None = None,
+                 classifier: EmbeddingClassifier | None = None):
+        self.config = config or SafetyConfig()
+        self.lexicon = lexicon or default_lexicon()
+        self.classifier = classifier or default_classifier()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="safety")
+        self._warm = threading.Event()
+
+    def warm_up(self) -> None:
+        """Load the embedder now, so no check's deadline includes loading it."""
+        if not self._warm.is_set():
+            self.classifier.score("hello", "input")
+            self._warm.set()
+
+    # --- checks -----------------------------------------------------------------------
+    def _run(self, fn, *args) -> Verdict:
+        """Run a check with a deadline; any error or timeout is a crisis (fail closed)."""
+        try:
+            self.warm_up()
+            return self._pool.submit(fn, *args).result(timeout=self.config.timeout_s)
+        except FutureTimeout:
+            log.error("safety check timed out after %.1f s: failing closed", self.config.timeout_s)
+            return _fail_closed("timeout")
+        except Exception as exc:  # noqa: BLE001 - any failure must fail closed
+            log.error("safety check failed (%s): failing closed", type(exc).__name__)
+            return _fail_closed(type(exc).__name__)
+
+    def _input(self, text: str, at_risk: bool) -> Verdict:
+        found = self.lexicon.match(text, "input", negated=True)
+        hits = [h for h in found if not h.negated]
+        score = self.classifier.score(text, "input")
+        threshold = self.classifier.threshold("input")
+        if not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))):
+            # "I would never hurt myself", "what are the warning signs of suicide?": the words
+            # alone are not risk, so the classifier must be much surer
+            threshold = max(threshold, self.config.cautious_threshold)
+        if at_risk:
+            threshold *= self.config.at_risk_factor
+        high = [h for h in hits if h.severity == "high"]
+        medium = [h for h in hits if h.severity == "medium"]
+        by_model = score >= threshold
+        crisis = bool(high) or by_model or (bool(medium) and score >= threshold * self.config.medium_factor)
+        reasons = [h.reason for h in hits] + ([f"classifier:{score:.2f}"] if by_model else [])
+        combined = max(score, 1.0 if high else 0.0, 0.5 if medium else 0.0)
+        category = (high or medium)[0].category if (high or medium) else ("classifier" if by_model else None)
+        return Verdict(crisis, combined, reasons, category)
+
+    def _output(self, text: str) -> Verdict:
+        hits = [h for h in self.lexicon.match(text, "output") if h.severity == "high"]
+        score = self.classifier.score(text, "output")
+        by_model = score >= self.classifier.threshold("output")
+        reasons = [h.reason for h in hits] + ([f"classifier:{score:.2f}"] if by_model else [])
+        category = hits[0].category if hits else ("classifier" if by_model else None)
+        return Verdict(bool(hits) or by_model, max(score, 1.0 if hits else 0.0), reasons, category)
+
+    def check_input(self, text: str, conversation: ConversationState | None = None) -> Verdict:
+        """Screen a user message. A crisis marks the conversation."""
+        if not isinstance(text, str):
+            return _fail_closed("not-text")
+        at_risk = bool(conversation and conversation.at_risk)
+        if len(text) > MAX_SCREEN_CHARS:
+            half = MAX_SCREEN_CHARS // 2
+            text = text[:half] + "\n" + text[-half:]
+        verdict = self._run(self._input, text, at_risk)
+        if verdict.crisis and conversation is not None:
+            conversation.at_risk = True
+            conversation.flagged_turns += 1
+        return verdict
+
+    def check_output(self, text: str) -> Verdict:
+        """Screen model text: crisis=True means it must not be shown."""
+        if not isinstance(text, str):
+            return _fail_closed("not-text")
+        return self._run(self._output, text)
+
+    def crisis_response(self, region: str | None = None, about_other: bool = False) -> str:
+        return crisis_response(region or self.config.region, about_other=about_other)
+
+    def resources_line(self, region: str | None = None) -> str:
+        return resources_line(region or self.config.region)
+
+    # --- streaming --------------------------------------------------------------------
+    def stream(self, deltas: Iterator[str], region: str | None = None) -> Iterator[StreamEvent]:
+        """Release streamed text only up to checked sentence boundaries.
+
+        Each sentence is checked together with the sentence before it. An unsafe sentence
+        ends generation (the delta generator is closed) and yields one replace event with the
+        crisis response; the unsafe text itself is never yielded.
+        """
+        pending, previous = "", ""
+        try:
+            for delta in deltas:
+                pending += delta
+                cut = _last_boundary(pending)
+                if cut == 0 and len(pending) >= MAX_PENDING_CHARS:
+                    cut = pending.rfind(" ") + 1 or len(pending)
+                if cut:
+                    chunk, pending = pending[:cut], pending[cut:]
+                    verdict = self.check_output(previous + chunk)
+                    if verdict.crisis:
+                        yield StreamEvent(replace=self.crisis_response(region), verdict=verdict)
+                        return
+                    previous = chunk
+                    yield StreamEvent(text=chunk)
+            if pending.strip():
+                verdict = self.check_output(previous + pending)
+                if verdict.crisis:
+                    yield StreamEvent(replace=self.crisis_response(region), verdict=verdict)
+                    return
+            if pending:
+                yield StreamEvent(text=pending)
+        finally:
+            close = getattr(deltas, "close", None)
+            if close:
+                close()
+
+
+def _last_boundary(text: str) -> int:
+    end = 0
+    for m in _BOUNDARY.finditer(text):
+        end = m.end()
+    return end

@@ -1,0 +1,98 @@
+"""The crisis lexicon (data/lexicon.yaml): phrase patterns with category and severity."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from .normalize import variants
+
+LEXICON_FILE = Path(__file__).parent / "data" / "lexicon.yaml"
+STAGES = ("input", "output")
+SEVERITIES = ("high", "medium")
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    category: str
+    severity: str
+    negatable: bool
+    pattern: re.Pattern
+    lang: str = "en"
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    category: str
+    severity: str
+    text: str  # the matched (normalised) span
+    negated: bool = False  # negated or in a recovery statement: not current risk
+
+    @property
+    def reason(self) -> str:
+        return f"lexicon:{self.category}:{self.id}"
+
+
+class Lexicon:
+    def __init__(self, path: Path = LEXICON_FILE):
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        self.negators = re.compile(data["negators"])
+        self.negation_words = int(data.get("negation_words", 4))
+        self.recovery = re.compile(data.get("recovery", r"(?!)"))
+        self.not_negations = re.compile(data.get("not_negations", r"(?!)"))
+        self.idioms = [re.compile(p) for p in data.get("idioms", [])]
+        self.entries: dict[str, list[Entry]] = {}
+        for stage in STAGES:
+            entries = []
+            for raw in data[stage]:
+                if raw["severity"] not in SEVERITIES:
+                    raise ValueError(f"{path}: entry {raw['id']}: severity must be one of {SEVERITIES}")
+                entries.append(
+                    Entry(raw["id"], raw["category"], raw["severity"], bool(raw.get("negatable")),
+                          re.compile(raw["pattern"]), raw.get("lang", "en"))
+                )
+            self.entries[stage] = entries
+
+    def _negated(self, text: str, start: int) -> bool:
+        """A negator among the few words before the match, in the same clause."""
+        clause = re.split(r"[.!?;,:]|\bbut\b|\bjust\b|\band\b", text[:start])[-1]
+        before = " ".join(clause.split()[-self.negation_words :])
+        return bool(self.negators.search(before)) and not self.not_negations.search(clause)
+
+    def _idiom(self, text: str, start: int, end: int) -> bool:
+        """True when an idiom overlaps the match: "I could die of embarrassment"."""
+        lo = max(0, start - 12)
+        span = text[lo : end + 40]
+        return any(m.start() + lo < end and m.end() + lo > start for p in self.idioms for m in p.finditer(span))
+
+    def match(self, text: str, stage: str = "input", negated: bool = False) -> list[Hit]:
+        """Hits in text; with negated=True, negated hits (flagged) are returned too."""
+        hits: dict[str, Hit] = {}
+        negated_hits: dict[str, Hit] = {}
+        for form in variants(text):
+            for entry in self.entries[stage]:
+                if entry.id in hits:
+                    continue
+                for m in entry.pattern.finditer(form):
+                    if self._idiom(form, m.start(), m.end()):
+                        continue
+                    negated = entry.negatable and (self._negated(form, m.start()) or bool(self.recovery.search(form)))
+                    if negated and entry.id not in negated_hits:
+                        negated_hits[entry.id] = Hit(entry.id, entry.category, entry.severity, m.group(0), True)
+                        continue
+                    if not negated:
+                        hits[entry.id] = Hit(entry.id, entry.category, entry.severity, m.group(0))
+                        break
+        extra = [h for k, h in negated_hits.items() if k not in hits] if negated else []
+        return list(hits.values()) + extra
+
+
+@lru_cache(maxsize=1)
+def default_lexicon() -> Lexicon:
+    return Lexicon()

@@ -1,0 +1,123 @@
+"""End to end on the real default model: the app in-process, driven through gradio_client and a
+real headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def served(real_model, guard):
+    import app
+    from chatbot.config import GenerationConfig
+    from chatbot.generation import ChatEngine
+    from chatbot.service import ChatService
+    from safety.hotlines import directory
+
+    model, tok = real_model
+    service = ChatService(ChatEngine(model, tok), guard, GenerationConfig(max_new_tokens=40, seed=0))
+    demo = app.build_demo(service, directory().choices(), "US")
+    demo.queue(max_size=8, default_concurrency_limit=1)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=0 or None, prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    from gradio_client import Client
+
+    return Client(served, verbose=False)
+
+
+def test_chat_endpoint_gives_real_reply(client):
+    reply = client.predict("I've been feeling stressed about my exams. Any advice?", api_name="/chat")
+    assert isinstance(reply, str) and len(reply.split()) >= 5
+    assert "988" not in reply  # an ordinary message gets an ordinary reply
+
+
+def test_chat_endpoint_routes_crisis(client):
+    reply = client.predict("I want to kill myself", api_name="/chat")
+    assert reply.startswith("I'm really sorry") and "988" in reply
+
+
+def test_empty_and_huge_messages(client):
+    assert "empty" in client.predict("   ", api_name="/chat")
+    reply = client.predict("I feel tired. " * 2000, api_name="/chat")
+    assert "I read the first" in reply
+
+
+def test_help_lists_options():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "app.py", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    for flag in ("--host", "--port", "--model", "--adapter", "--quantize", "--region"):
+        assert flag in out.stdout
+
+
+def test_bad_model_exits_with_message(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "nowhere.bin"), "--adapter", "none"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    (tmp_path / "nowhere.bin").write_text("x")
+    out = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "nowhere.bin"), "--adapter", "none"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        pytest.fail("chromium and chromedriver are needed: `make browser-deps` installs them")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1200,900"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    yield driver
+    driver.quit()
+
+
+def test_browser_chat_streams_reply(served, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(served)
+    wait = WebDriverWait(browser, 120)
+    box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#message textarea"))
+    assert "crisis" in browser.find_element(By.ID, "crisis-resources").text.lower()
+    assert "not a substitute for professional care" in browser.page_source
+    box.send_keys("I had a rough day at work and feel drained.")
+    browser.find_element(By.ID, "send").click()
+
+    def bot_text(d):
+        bots = d.find_elements(By.CSS_SELECTOR, "#chat .bot, #chat [data-testid='bot']")
+        return bots[-1].text.strip() if bots else ""
+
+    lengths = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        text = bot_text(browser)
+        if text and text != "…":
+            lengths.append(len(text))
+        if len(lengths) > 3 and lengths[-1] == lengths[-4] and lengths[-1] > 20:
+            break
+        time.sleep(0.25)
+    assert lengths and lengths[-1] > 20, "no reply appeared"
+    assert len(set(lengths)) > 1, "the reply did not stream (it appeared all at once)"

@@ -1,0 +1,97 @@
+"""Model loading: the built-in default, local folders, quantization, adapters and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from chatbot.config import ModelConfig
+from chatbot.loading import AdapterError, ModelLoadError, attach_adapter, convert_default_model, load_model, quantization_config
+from tests.conftest import make_tiny_model
+
+
+def test_default_model_converted_once(default_model_dir):
+    assert (default_model_dir / "config.json").is_file()
+    assert (default_model_dir / "model.safetensors").is_file()
+    config = json.loads((default_model_dir / "config.json").read_text())
+    assert "quantization_config" not in config  # plain safetensors, not a GGUF marker
+    stamp = (default_model_dir / "model.safetensors").stat().st_mtime_ns
+    assert convert_default_model() == default_model_dir
+    assert (default_model_dir / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
+
+
+def test_local_folder_loads(tiny_dir):
+    model, tok = load_model(ModelConfig(model=str(tiny_dir), adapter=None))
+    assert model.config.hidden_size == 32 and tok.pad_token is not None
+    assert not model.training
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    bad = tmp_path / "weights.bin"
+    bad.write_text("not a model")
+    with pytest.raises(ModelLoadError, match="model folder or Hub id"):
+        load_model(ModelConfig(model=str(bad)))
+
+
+def test_quantization_translator():
+    assert quantization_config("none", "cpu") is None
+    assert quantization_config("auto", "cpu") is None  # CPU: full precision decodes faster
+    cfg = quantization_config("auto", "cuda")
+    assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4"
+    assert quantization_config("8bit", "cpu").load_in_8bit
+    with pytest.raises(ValueError):
+        ModelConfig(quantize="3bit")
+
+
+def test_4bit_on_cpu_generates(tiny_dir):
+    model, tok = load_model(ModelConfig(model=str(tiny_dir), quantize="4bit", adapter=None))
+    assert getattr(model, "is_loaded_in_4bit", False)
+    out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == 7
+
+
+def _save_adapter(path, hidden=32, vocab=None, seed=1):
+    from peft import LoraConfig, get_peft_model
+
+    base = make_tiny_model(vocab, hidden=hidden)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(path)
+    return path
+
+
+def test_adapter_attaches_and_changes_output(tiny_dir, tokenizer, tmp_path):
+    adapter = _save_adapter(tmp_path / "lora", vocab=len(tokenizer))
+    model, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter)))
+    assert "finetuned" in model.peft_config
+    ids = torch.tensor([[1, 20, 30, 40]])
+    with torch.no_grad():
+        tuned = model(ids).logits
+        with model.disable_adapter():
+            base = model(ids).logits
+    assert not torch.allclose(tuned, base)
+
+
+def test_adapter_for_another_base_is_refused(tiny_dir, tokenizer, tmp_path):
+    adapter = _save_adapter(tmp_path / "wide-lora", hidden=64, vocab=len(tokenizer))
+    model, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=None))
+    with pytest.raises(AdapterError, match="does not fit"):
+        attach_adapter(model, str(adapter))
+
+
+def test_missing_adapter_is_named(tiny_dir, tmp_path):
+    with pytest.raises(AdapterError, match="no-such-adapter"):
+        load_model(ModelConfig(model=str(tiny_dir), adapter=str(tmp_path / "no-such-adapter")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        load_model(ModelConfig(model=str(tiny_dir), adapter=str(tmp_path / "empty")))
+
+
+def test_merged_adapter_matches_hot_swapped(tiny_dir, tokenizer, tmp_path):
+    adapter = _save_adapter(tmp_path / "lora", vocab=len(tokenizer))
+    swapped, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter)))
+    merged, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter), merge=True))
+    ids = torch.tensor([[1, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(swapped(ids).logits, merged(ids).logits, atol=1e-4)
