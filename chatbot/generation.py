@@ -18,6 +18,9 @@ from .config import GenerationConfig
 from .prompts import fit_to_context
 
 BASE = "base"  # adapter name that means: the base model, adapter disabled
+# One generation at a time in the process: sampling draws on torch's process-wide RNG (a seed
+# must mean the same reply), and on a CPU two concurrent decodes only fight over the cores.
+GENERATION_LOCK = threading.Lock()
 
 
 class StopOnEvent:
@@ -74,7 +77,7 @@ class ChatEngine:
         self.tokenizer = tokenizer
         ctx = getattr(model.config, "max_position_embeddings", 2048) or 2048
         self.max_input_tokens = min(max_input_tokens, ctx - 64)
-        self.lock = threading.Lock()
+        self.lock = GENERATION_LOCK
 
     @property
     def adapters(self) -> list[str]:

@@ -55,10 +55,15 @@ class ConversationState:
 @dataclass
 class SafetyConfig:
     region: str = field(default_factory=lambda: os.environ.get("CHATBOT_REGION", "INTL"))
-    timeout_s: float = float(os.environ.get("SAFETY_TIMEOUT_S", 3.0))
+    # a deadline against hangs, not a latency target: a busy 2-core CPU must not fail ordinary users closed
+    timeout_s: float = float(os.environ.get("SAFETY_TIMEOUT_S", 10.0))
     at_risk_factor: float = 0.6  # a marked conversation screens at 60% of the usual threshold
     medium_factor: float = 0.6  # a medium lexicon hit needs the classifier at 60% of threshold
     cautious_threshold: float = 0.9  # for negated mentions and information-seeking questions
+    # The output head was fitted on 68 hand-written replies; real replies of the default model
+    # score higher (an ordinary reply scored 0.71 in development), so the classifier alone blocks
+    # a reply only from this score; the lexicon still blocks method details and encouragement.
+    output_floor: float = 0.85
 
 
 @dataclass
@@ -123,7 +128,7 @@ class Guard:
     def _output(self, text: str) -> Verdict:
         hits = [h for h in self.lexicon.match(text, "output") if h.severity == "high"]
         score = self.classifier.score(text, "output")
-        by_model = score >= self.classifier.threshold("output")
+        by_model = score >= max(self.classifier.threshold("output"), self.config.output_floor)
         reasons = [h.reason for h in hits] + ([f"classifier:{score:.2f}"] if by_model else [])
         category = hits[0].category if hits else ("classifier" if by_model else None)
         return Verdict(bool(hits) or by_model, max(score, 1.0 if hits else 0.0), reasons, category)

@@ -20,7 +20,7 @@ def served(real_model, guard):
     from safety.hotlines import directory
 
     model, tok = real_model
-    service = ChatService(ChatEngine(model, tok), guard, GenerationConfig(max_new_tokens=40, seed=0))
+    service = ChatService(ChatEngine(model, tok), guard, GenerationConfig(max_new_tokens=80, seed=0))
     demo = app.build_demo(service, directory().choices(), "US")
     demo.queue(max_size=8, default_concurrency_limit=1)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=0 or None, prevent_thread_lock=True, quiet=True)
@@ -103,21 +103,25 @@ def test_browser_chat_streams_reply(served, browser):
     box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#message textarea"))
     assert "crisis" in browser.find_element(By.ID, "crisis-resources").text.lower()
     assert "not a substitute for professional care" in browser.page_source
+    # record every change of the last assistant message as the browser renders it
+    browser.execute_script("""
+        window.__lengths = [];
+        const chat = document.querySelector('#chat');
+        new MutationObserver(() => {
+            const bots = chat.querySelectorAll('.bot, [data-testid="bot"]');
+            if (bots.length) window.__lengths.push(bots[bots.length - 1].innerText.trim().length);
+        }).observe(chat, {childList: true, subtree: true, characterData: true});
+    """)
     box.send_keys("I had a rough day at work and feel drained.")
     browser.find_element(By.ID, "send").click()
-
-    def bot_text(d):
-        bots = d.find_elements(By.CSS_SELECTOR, "#chat .bot, #chat [data-testid='bot']")
-        return bots[-1].text.strip() if bots else ""
-
-    lengths = []
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        text = bot_text(browser)
-        if text and text != "…":
-            lengths.append(len(text))
-        if len(lengths) > 3 and lengths[-1] == lengths[-4] and lengths[-1] > 20:
-            break
+    wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+    lengths, deadline, stable = [], time.time() + 180, 0
+    while time.time() < deadline and stable < 12:  # done when nothing changed for 3 s
+        now = [n for n in browser.execute_script("return window.__lengths") if n > 1]
+        stable = stable + 1 if now == lengths else 0
+        lengths = now
         time.sleep(0.25)
     assert lengths and lengths[-1] > 20, "no reply appeared"
-    assert len(set(lengths)) > 1, "the reply did not stream (it appeared all at once)"
+    assert len(set(lengths)) > 2, f"the reply did not stream: {lengths}"
+    shown = browser.find_elements(By.CSS_SELECTOR, "#chat .bot, #chat [data-testid='bot']")[-1].text
+    assert "sorry you're going through this" not in shown  # an ordinary message, an ordinary reply
