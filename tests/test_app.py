@@ -23,7 +23,7 @@ def served(real_model, guard):
     service = ChatService(ChatEngine(model, tok), guard, GenerationConfig(max_new_tokens=80, seed=0))
     demo = app.build_demo(service, directory().choices(), "US")
     demo.queue(max_size=8, default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=0 or None, prevent_thread_lock=True, quiet=True)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
     yield url
     demo.close()
 
@@ -69,12 +69,14 @@ def test_bad_model_exits_with_message(tmp_path):
 
     from tests.conftest import ROOT
 
-    out = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "nowhere.bin"), "--adapter", "none"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    (tmp_path / "nowhere.bin").write_text("x")
-    out = subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "nowhere.bin"), "--adapter", "none"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode == 2 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
+    def run():
+        return subprocess.run([sys.executable, "app.py", "--model", str(tmp_path / "nowhere.bin"), "--adapter", "none"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+    for _ in ("missing path (read as an offline Hub id)", "a file, not a model folder"):
+        out = run()
+        assert out.returncode == 2 and out.stderr.startswith("error:") and "Traceback" not in out.stderr
+        (tmp_path / "nowhere.bin").write_text("x")
 
 
 @pytest.fixture(scope="module")
