@@ -190,7 +190,9 @@ def resolve_adapter(adapter: str) -> Path:
 
         return Path(snapshot_download(adapter, allow_patterns=["adapter_*", "*.json", "*.md"]))
     except Exception as exc:  # network, auth, missing repo: all one message for the user
-        raise AdapterError(f"Adapter {adapter!r} could not be fetched from the Hub: {exc}") from exc
+        raise AdapterError(
+            f"Adapter {adapter!r} is not a local folder and could not be fetched from the Hub: {exc}"
+        ) from exc
 
 
 def adapter_base(adapter_dir: Path) -> str | None:
