@@ -5,7 +5,8 @@
 
 Every option can also come from an environment variable (CHATBOT_HOST, CHATBOT_PORT, ...), which
 is how Hugging Face Spaces configures it. The model loads at start-up, never at import.
-API for gradio_client: client.predict(message, api_name="/chat") -> reply.
+API for gradio_client: client.predict(message, api_name="/chat") -> reply;
+client.predict(message, api_name="/compare") -> [base_reply, finetuned_reply].
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # privacy: no usage analytics by default
 
-from chatbot.config import DEFAULT_ADAPTER, DEFAULT_MODEL, QUANTIZE_CHOICES, GenerationConfig, Limits, ModelConfig
+from chatbot.config import DEFAULT_ADAPTER, DEFAULT_MODEL, PROJECT_ROOT, QUANTIZE_CHOICES, GenerationConfig, Limits, ModelConfig
 
 log = logging.getLogger("app")
 
@@ -81,37 +82,115 @@ class StopEvents:
             event.set()
 
 
-def build_demo(service, regions: list[tuple[str, str]], default_region: str = "INTL", title: str = "Support chat"):
+class AdapterChoices:
+    """The adapters a user can pick: those loaded, plus folders in adapters/ loaded on first use."""
+
+    def __init__(self, service, folder=PROJECT_ROOT / "adapters", extra: list[str] | None = None):
+        from chatbot.loading import adapter_name, list_adapters
+
+        self.service = service
+        self.sources = {adapter_name(str(p)): str(p) for p in list_adapters(folder)}
+        for spec in extra or []:
+            self.sources.setdefault(adapter_name(spec), spec)
+
+    def choices(self) -> list[tuple[str, str]]:
+        engine = self.service.engine
+        if engine.merged:
+            return [(f"{n} (merged)", n) for n in engine.adapters] or [("Base model", "base")]
+        names = [n for n in engine.adapters if n != "base"]
+        names += [n for n in self.sources if n not in names]
+        return [("Base model (no adapter)", "base")] + [(n, n) for n in names]
+
+    def select(self, name: str) -> str:
+        """Make `name` usable (loading it if needed); AdapterError if it cannot be."""
+        if name == "base" or name in self.service.engine.adapters:
+            return name
+        if name not in self.sources:
+            from chatbot.loading import AdapterError
+
+            raise AdapterError(f"Unknown adapter {name!r}.")
+        return self.service.engine.add_adapter(self.sources[name])
+
+
+def _status_line(status: str) -> str:
+    return {
+        "streaming": "⏳ writing… (shown sentence by sentence after the safety check)",
+        "passed": "✅ passed the safety check",
+        "withheld": "🛑 withheld by the safety check: crisis resources shown instead",
+        "error": "⚠️ generation failed",
+    }[status]
+
+
+def build_demo(service, regions: list[tuple[str, str]], default_region: str = "INTL", title: str = "Support chat",
+               adapters: AdapterChoices | None = None):
     """The Gradio app around a ChatService. No model is loaded here."""
     import gradio as gr
 
+    from chatbot.compare import compare
+    from chatbot.loading import AdapterError
     from safety import ConversationState
 
     stops = StopEvents()
     guard = service.guard
+    adapters = adapters or AdapterChoices(service, folder=None)
+    default_adapter = service.default_adapter() or "base"
 
     def banner(region):
         return f"🆘 {guard.resources_line(region)}"
 
-    def submit(message, history, conversation, region, request: gr.Request):
+    def submit(message, history, conversation, region, adapter, request: gr.Request):
         history = list(history or [])
         stop = stops.new(getattr(request, "session_hash", None))
         history = history + [{"role": "user", "content": message or ""}, {"role": "assistant", "content": "…"}]
         yield history, "", conversation, banner(region)
-        for text in service.respond(message, history[:-2], conversation, region, stop=stop):
+        for text in service.respond(message, history[:-2], conversation, region, adapter=adapter, stop=stop):
             history[-1] = {"role": "assistant", "content": text}
             yield history, "", conversation, banner(region)
 
     def stop_generation(request: gr.Request):
         stops.stop(getattr(request, "session_hash", None))
 
+    def pick_adapter(name, current):
+        try:
+            return adapters.select(name), gr.update(choices=adapters.choices())
+        except AdapterError as exc:
+            gr.Warning(str(exc))
+            return current, gr.update(value=current, choices=adapters.choices())
+
+    def run_compare(message, region, adapter, request: gr.Request):
+        stop = stops.new(getattr(request, "session_hash", None))
+        target = adapter if adapter != "base" else None
+        try:
+            for state in compare(service, message, region, adapter=target, stop=stop):
+                if state["crisis"]:
+                    yield state["base"], "", "", "", gr.update(visible=False)
+                    return
+                yield ("", state["base"], _status_line(state["status"][0]), state["finetuned"],
+                       gr.update(visible=True, value=_status_line(state["status"][1])))
+        except ValueError as exc:
+            yield str(exc), "", "", "", gr.update(visible=False)
+
     def chat_api(message: str) -> str:
         """One-turn chat: the assistant's screened reply to `message`."""
         return service.reply(message, conversation=ConversationState(), region=default_region)
 
+    def compare_api(message: str) -> list[str]:
+        """The base model's and the fine-tuned model's screened replies to `message`."""
+        final = None
+        try:
+            for final in compare(service, message, default_region):
+                pass
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return [final["base"], final["finetuned"]]
+
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}\n{DISCLAIMER}")
         resources = gr.Markdown(banner(default_region), elem_id="crisis-resources")
+        region = gr.Dropdown(choices=regions, value=default_region, label="Your region (for crisis resources)")
+        adapter = gr.Dropdown(choices=adapters.choices(), value=default_adapter, label="Model",
+                              elem_id="adapter", interactive=not service.engine.merged)
+        adapter_state = gr.State(default_adapter)
         with gr.Tab("Chat"):
             conversation = gr.State(ConversationState())
             chatbot = gr.Chatbot(label="Conversation", height=480, elem_id="chat", sanitize_html=True,
@@ -121,23 +200,47 @@ def build_demo(service, regions: list[tuple[str, str]], default_region: str = "I
                                  elem_id="message", max_lines=8)
                 send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                 stop = gr.Button("Stop", scale=1, elem_id="stop")
-            region = gr.Dropdown(choices=regions, value=default_region, label="Your region (for crisis resources)")
             gr.Examples(EXAMPLES, inputs=box, label="Try")
             clear = gr.Button("New conversation", size="sm")
+        with gr.Tab("Compare"):
+            gr.Markdown("One message, two answers: the base model and the fine-tuned model (the Model "
+                        "selector above), same settings and seed. Each answer passes the safety check.")
+            with gr.Row():
+                cmp_box = gr.Textbox(placeholder="A message for both models…", show_label=False, scale=8,
+                                     elem_id="compare-message", max_lines=8)
+                cmp_send = gr.Button("Compare", variant="primary", scale=1, elem_id="compare-send")
+            cmp_notice = gr.Markdown(elem_id="compare-notice")
+            with gr.Row():
+                with gr.Column():
+                    gr.Markdown("### Base model")
+                    cmp_base = gr.Markdown(elem_id="compare-base", sanitize_html=True)
+                    cmp_base_status = gr.Markdown(elem_id="compare-base-status")
+                with gr.Column():
+                    gr.Markdown("### Fine-tuned")
+                    cmp_tuned = gr.Markdown(elem_id="compare-finetuned", sanitize_html=True)
+                    cmp_tuned_status = gr.Markdown(elem_id="compare-finetuned-status")
         with gr.Tab("About"):
             gr.Markdown(about_text(service))
 
-        inputs = [box, chatbot, conversation, region]
+        inputs = [box, chatbot, conversation, region, adapter_state]
         outputs = [chatbot, box, conversation, resources]
         events = [
             box.submit(submit, inputs, outputs, api_visibility="private", concurrency_limit=None),
             send.click(submit, inputs, outputs, api_visibility="private", concurrency_limit=None),
         ]
+        cmp_outputs = [cmp_notice, cmp_base, cmp_base_status, cmp_tuned, cmp_tuned_status]
+        cmp_inputs = [cmp_box, region, adapter_state]
+        events += [
+            cmp_send.click(run_compare, cmp_inputs, cmp_outputs, api_visibility="private", concurrency_limit=None),
+            cmp_box.submit(run_compare, cmp_inputs, cmp_outputs, api_visibility="private", concurrency_limit=None),
+        ]
         stop.click(stop_generation, None, None, cancels=events, queue=False, api_visibility="private")
         region.change(banner, region, resources, queue=False, api_visibility="private")
+        adapter.change(pick_adapter, [adapter, adapter_state], [adapter_state, adapter], api_visibility="private")
         clear.click(lambda: ([], ConversationState()), None, [chatbot, conversation], queue=False,
                     api_visibility="private")
         gr.api(chat_api, api_name="chat")
+        gr.api(compare_api, api_name="compare")
     return demo
 
 
@@ -172,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     guard = Guard(SafetyConfig(region=args.region))
     guard.warm_up()
     limits = Limits(queue_size=args.queue_size)
-    service = ChatService(ChatEngine(model, tokenizer, limits.max_input_tokens), guard,
-                          GenerationConfig(max_new_tokens=args.max_new_tokens), limits)
-    demo = build_demo(service, [(label, code) for label, code in directory().choices()], args.region)
+    engine = ChatEngine(model, tokenizer, limits.max_input_tokens, merged=bool(cfg.merge and cfg.adapter))
+    service = ChatService(engine, guard, GenerationConfig(max_new_tokens=args.max_new_tokens), limits)
+    choices = AdapterChoices(service, extra=[cfg.adapter] if cfg.adapter else [])
+    demo = build_demo(service, [(label, code) for label, code in directory().choices()], args.region, adapters=choices)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, show_error=False)
     return 0

@@ -72,18 +72,37 @@ class ThinkFilter:
 class ChatEngine:
     """Holds one model and tokenizer; streams replies for chat messages."""
 
-    def __init__(self, model, tokenizer, max_input_tokens: int = 1536):
+    def __init__(self, model, tokenizer, max_input_tokens: int = 1536, merged: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         ctx = getattr(model.config, "max_position_embeddings", 2048) or 2048
         self.max_input_tokens = min(max_input_tokens, ctx - 64)
         self.lock = GENERATION_LOCK
+        self.merged = merged  # an adapter merged into the weights: no base model, no switching
 
     @property
     def adapters(self) -> list[str]:
-        """Adapter names that can be chosen per request; BASE is always available."""
+        """Adapter names that can be chosen per request; BASE is available unless merged."""
         names = list(getattr(self.model, "peft_config", {}) or {})
-        return [BASE, *names]
+        return names if self.merged else [BASE, *names]
+
+    def add_adapter(self, adapter: str) -> str:
+        """Load another adapter (folder or Hub id) next to the others; returns its name.
+
+        Raises chatbot.loading.AdapterError for a missing adapter or one made for another base.
+        Requests in flight finish first (the generation lock), so no reply mixes two adapters.
+        """
+        from .loading import AdapterError, adapter_name, attach_adapter
+
+        if self.merged:
+            raise AdapterError("The adapter is merged into the weights (--merge): restart without --merge to switch.")
+        name = adapter_name(adapter)
+        if name in self.adapters:
+            return name
+        with self.lock:
+            self.model = attach_adapter(self.model, adapter, name)
+            self.model.eval()
+        return name
 
     def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
         return fit_to_context(self.tokenizer, messages, self.max_input_tokens)

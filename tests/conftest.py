@@ -37,14 +37,14 @@ def tokenizer(default_model_dir):
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
-def make_tiny_model(vocab_size: int, hidden: int = 32, seed: int = 0):
+def make_tiny_model(vocab_size: int, hidden: int = 32, seed: int = 0, tie: bool = True):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=tie)
     return LlamaForCausalLM(config).eval()
 
 

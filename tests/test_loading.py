@@ -64,7 +64,7 @@ def _save_adapter(path, hidden=32, vocab=None, seed=1):
 def test_adapter_attaches_and_changes_output(tiny_dir, tokenizer, tmp_path):
     adapter = _save_adapter(tmp_path / "lora", vocab=len(tokenizer))
     model, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter)))
-    assert "finetuned" in model.peft_config
+    assert list(model.peft_config) == ["lora"]  # loaded under its folder's name
     ids = torch.tensor([[1, 20, 30, 40]])
     with torch.no_grad():
         tuned = model(ids).logits
