@@ -19,6 +19,8 @@ import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # privacy: no usage analytics by default
 
+import gradio as gr  # noqa: E402 - after the analytics switch above
+
 from chatbot.config import DEFAULT_ADAPTER, DEFAULT_MODEL, PROJECT_ROOT, QUANTIZE_CHOICES, GenerationConfig, Limits, ModelConfig
 
 log = logging.getLogger("app")
@@ -59,7 +61,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=int(_env("MAX_NEW_TOKENS", 256)), help="longest reply in tokens")
     p.add_argument("--queue-size", type=int, default=Limits().queue_size, help="requests waiting before 'busy' (env QUEUE_MAX_SIZE)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "WARNING"), help="message text is never logged at any level")
+    p.add_argument("--auth", default=_env("AUTH"), metavar="USER:PASSWORD[,USER:PASSWORD]",
+                   help="require a login (env CHATBOT_AUTH; prefer the variable, which stays out of shell history)")
+    p.add_argument("--rate-limit", type=int, default=int(_env("RATE_LIMIT", 12)),
+                   help="messages per minute per session; 0 turns the limit off (env CHATBOT_RATE_LIMIT)")
     return p.parse_args(argv)
+
+
+def parse_auth(spec: str | None) -> list[tuple[str, str]] | None:
+    """'alice:pw1,bob:pw2' -> [('alice', 'pw1'), ('bob', 'pw2')]; None when no login is wanted."""
+    if not spec:
+        return None
+    pairs = []
+    for item in spec.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError("--auth wants USER:PASSWORD pairs separated by commas")
+        pairs.append((user, password))
+    return pairs
+
+
+class RateLimiter:
+    """At most `per_minute` messages per session in any 60 s window (0 = no limit)."""
+
+    def __init__(self, per_minute: int, clock=None):
+        import time
+
+        self.per_minute = per_minute
+        self.clock = clock or time.monotonic
+        self._sent: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def wait_time(self, session: str | None) -> float:
+        """0 if this message may go now (and count it), else seconds until it may."""
+        if self.per_minute <= 0:
+            return 0.0
+        now = self.clock()
+        with self._lock:
+            recent = [t for t in self._sent.get(session or "", []) if now - t < 60]
+            if len(recent) >= self.per_minute:
+                self._sent[session or ""] = recent
+                return 60 - (now - recent[0])
+            recent.append(now)
+            self._sent[session or ""] = recent
+            return 0.0
+
+
+RATE_LIMITED = ("You're sending messages faster than I can keep up with. Please wait {s} seconds and send "
+                "it again; your message is still in the box and nothing was lost.")
 
 
 class StopEvents:
@@ -122,17 +171,25 @@ def _status_line(status: str) -> str:
 
 
 def build_demo(service, regions: list[tuple[str, str]], default_region: str = "INTL", title: str = "Support chat",
-               adapters: AdapterChoices | None = None):
+               adapters: AdapterChoices | None = None, rate_limit: int = 0):
     """The Gradio app around a ChatService. No model is loaded here."""
-    import gradio as gr
-
     from chatbot.compare import compare
     from chatbot.loading import AdapterError
     from safety import ConversationState
 
     stops = StopEvents()
+    limiter = RateLimiter(rate_limit)
     guard = service.guard
     adapters = adapters or AdapterChoices(service, folder=None)
+
+    def limited(message, request) -> str | None:
+        """The 'slow down' text if this session is over its limit and the message is not a crisis."""
+        wait = limiter.wait_time(getattr(request, "session_hash", None))
+        if not wait:
+            return None
+        if guard.check_input(str(message or "")).crisis:
+            return None  # someone at risk always gets the crisis response, limit or not
+        return RATE_LIMITED.format(s=max(1, round(wait)))
     default_adapter = service.default_adapter() or "base"
 
     def banner(region):
@@ -140,6 +197,10 @@ def build_demo(service, regions: list[tuple[str, str]], default_region: str = "I
 
     def submit(message, history, conversation, region, adapter, request: gr.Request):
         history = list(history or [])
+        if notice := limited(message, request):
+            gr.Warning(notice)
+            yield history, message, conversation, banner(region)
+            return
         stop = stops.new(getattr(request, "session_hash", None))
         history = history + [{"role": "user", "content": message or ""}, {"role": "assistant", "content": "…"}]
         yield history, "", conversation, banner(region)
@@ -158,6 +219,9 @@ def build_demo(service, regions: list[tuple[str, str]], default_region: str = "I
             return current, gr.update(value=current, choices=adapters.choices())
 
     def run_compare(message, region, adapter, request: gr.Request):
+        if notice := limited(message, request):
+            yield notice, "", "", "", gr.update(visible=False)
+            return
         stop = stops.new(getattr(request, "session_hash", None))
         target = adapter if adapter != "base" else None
         try:
@@ -170,12 +234,16 @@ def build_demo(service, regions: list[tuple[str, str]], default_region: str = "I
         except ValueError as exc:
             yield str(exc), "", "", "", gr.update(visible=False)
 
-    def chat_api(message: str) -> str:
+    def chat_api(message: str, request: gr.Request) -> str:
         """One-turn chat: the assistant's screened reply to `message`."""
+        if notice := limited(message, request):
+            return notice
         return service.reply(message, conversation=ConversationState(), region=default_region)
 
-    def compare_api(message: str) -> list[str]:
+    def compare_api(message: str, request: gr.Request) -> list[str]:
         """The base model's and the fine-tuned model's screened replies to `message`."""
+        if notice := limited(message, request):
+            return [notice, notice]
         final = None
         try:
             for final in compare(service, message, default_region):
@@ -267,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     from safety.hotlines import directory
 
     try:
+        auth = parse_auth(args.auth)
         cfg = ModelConfig(model=args.model, adapter=args.adapter, quantize=args.quantize, merge=args.merge)
         model, tokenizer = load_model(cfg)
     except (ModelLoadError, AdapterError, ValueError) as exc:
@@ -278,9 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = ChatEngine(model, tokenizer, limits.max_input_tokens, merged=bool(cfg.merge and cfg.adapter))
     service = ChatService(engine, guard, GenerationConfig(max_new_tokens=args.max_new_tokens), limits)
     choices = AdapterChoices(service, extra=[cfg.adapter] if cfg.adapter else [])
-    demo = build_demo(service, [(label, code) for label, code in directory().choices()], args.region, adapters=choices)
+    demo = build_demo(service, [(label, code) for label, code in directory().choices()], args.region, adapters=choices,
+                      rate_limit=args.rate_limit)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=False)
+    demo.launch(server_name=args.host, server_port=args.port, show_error=False, auth=auth)
     return 0
 
 

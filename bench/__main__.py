@@ -6,6 +6,8 @@
 - later start: load from the converted cache;
 - decoding: the app's streaming engine against plain `model.generate` (float32, greedy, same
   prompt and token count) in the same process;
+- compare: base and fine-tuned answers from one batched `generate` (PEFT adapter_names) against
+  two answers one after the other (disable_adapter, then the adapter), same token counts;
 - safety: p50/p95 latency of input and output checks.
 """
 
@@ -83,6 +85,32 @@ def bench_decoding(tokens: int) -> dict:
             "ratio_vs_baseline": baseline / ours, "time_to_first_token_s": first}
 
 
+def bench_compare(tokens: int) -> dict:
+    from chatbot.compare import stream_pair
+    from chatbot.config import DEFAULT_ADAPTER, GenerationConfig, ModelConfig
+    from chatbot.generation import BASE, ChatEngine
+    from chatbot.loading import load_model
+    from chatbot.prompts import build_messages
+
+    model, tok = load_model(ModelConfig(adapter=str(DEFAULT_ADAPTER)))
+    engine = ChatEngine(model, tok)
+    name = [a for a in engine.adapters if a != BASE][0]
+    messages = build_messages([], "I feel anxious before every meeting at work. How can I calm down?")
+    gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
+    model.generation_config.min_new_tokens = tokens  # both paths write exactly `tokens` per answer
+    list(engine.stream(messages, GenerationConfig(max_new_tokens=4, temperature=0)))  # warm-up
+    t = time.perf_counter()
+    for adapter in (BASE, name):
+        list(engine.stream(messages, gen, adapter=adapter))
+    sequential = time.perf_counter() - t
+    t = time.perf_counter()
+    list(stream_pair(engine, messages, gen, None, (BASE, name)))
+    batched = time.perf_counter() - t
+    model.generation_config.min_new_tokens = None
+    return {"tokens_per_answer": tokens, "sequential_s": sequential, "batched_s": batched,
+            "speedup": sequential / batched}
+
+
 def bench_safety(n: int = 60) -> dict:
     from safety import Guard
 
@@ -113,14 +141,15 @@ def main() -> int:
     import torch
 
     result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "startup": bench_startup(),
-              "decoding": bench_decoding(args.tokens), "safety": bench_safety()}
-    s, d, g = result["startup"], result["decoding"], result["safety"]
+              "decoding": bench_decoding(args.tokens), "compare": bench_compare(args.tokens), "safety": bench_safety()}
+    s, d, g, c = result["startup"], result["decoding"], result["safety"], result["compare"]
     print(f"Machine: {result['machine']}")
     print("| measure | value | baseline | ratio |\n|---|---|---|---|")
     print(f"| first start (GGUF conversion + load) | {s['first_start_s']:.1f} s | | |")
     print(f"| later start (load from cache) | {s['later_start_s']:.2f} s | first start | {s['first_start_s'] / s['later_start_s']:.0f}x faster |")
     print(f"| decoding, app engine (stream) | {d['engine_stream_tok_s']:.1f} tok/s | plain generate {d['baseline_generate_tok_s']:.1f} tok/s | {d['ratio_vs_baseline']:.2f}x |")
     print(f"| time to first token ({d['prompt_tokens']}-token prompt) | {d['time_to_first_token_s']:.2f} s | | |")
+    print(f"| compare: two {c['tokens_per_answer']}-token answers, one batched generate | {c['batched_s']:.1f} s | one after the other {c['sequential_s']:.1f} s | {c['speedup']:.2f}x |")
     print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
