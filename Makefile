@@ -1,10 +1,10 @@
-# make install | run | test | bench | eval-safety
+# make install | run | test | bench | load | eval-safety
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench eval-safety browser-deps clean
+.PHONY: install run test test-fast bench load eval-safety browser-deps clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=python3.x"; exit 1; }
@@ -35,6 +35,10 @@ test-fast: install
 
 bench: install
 	$(PY) -m bench
+
+# 16 concurrent sessions, 200 requests, on 127.0.0.1 (figures in bench/results/load.json)
+load: install
+	$(PY) -m bench.load
 
 eval-safety: install
 	$(PY) -m safety evaluate --json bench/results/safety_eval.json

@@ -17,6 +17,8 @@ import argparse
 import json
 import os
 import platform
+import random
+import resource
 import statistics
 import tempfile
 import time
@@ -51,6 +53,102 @@ def bench_startup() -> dict:
     return {"first_start_s": first, "later_start_s": later}
 
 
+def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Best of a few large array copies: bytes read plus bytes written per second."""
+    import numpy as np
+
+    a = np.ones(mb * 2**20 // 8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best / 1e9
+
+
+def _engine_speed(engine, messages, tokens: int) -> tuple[float, float]:
+    """(tokens/s, time to first token) for the app's streaming engine, exactly `tokens` tokens."""
+    from chatbot.config import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
+    engine.model.generation_config.min_new_tokens = tokens
+    list(engine.stream(messages, GenerationConfig(max_new_tokens=4, temperature=0)))  # warm-up
+    t, first = time.perf_counter(), None
+    for _ in engine.stream(messages, gen):
+        first = first or time.perf_counter() - t
+    total = time.perf_counter() - t
+    engine.model.generation_config.min_new_tokens = None
+    return tokens / total, first
+
+
+def bench_variants(tokens: int) -> dict:
+    """The chat path with the shipped adapter hot-swapped and merged, and the guard's stream wrapper."""
+    from chatbot.config import DEFAULT_ADAPTER, ModelConfig
+    from chatbot.generation import ChatEngine
+    from chatbot.loading import load_model
+    from chatbot.prompts import build_messages
+    from safety import Guard
+
+    messages = build_messages([], "I've been feeling stressed about work and can't sleep. What can I do?")
+    out = {}
+    for label, merge in (("adapter_hot_swapped", False), ("adapter_merged", True)):
+        model, tok = load_model(ModelConfig(adapter=str(DEFAULT_ADAPTER), merge=merge))
+        out[f"{label}_tok_s"], out[f"{label}_ttft_s"] = _engine_speed(ChatEngine(model, tok, merged=merge), messages, tokens)
+    # the output check's stream wrapper: same engine, with and without guard.stream around it
+    guard = Guard()
+    guard.warm_up()
+    engine = ChatEngine(model, tok, merged=True)
+    from chatbot.config import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
+    model.generation_config.min_new_tokens = tokens
+    t = time.perf_counter()
+    list(engine.stream(messages, gen))
+    plain = time.perf_counter() - t
+    t = time.perf_counter()
+    list(guard.stream(engine.stream(messages, gen)))
+    guarded = time.perf_counter() - t
+    model.generation_config.min_new_tokens = None
+    out["stream_wrapper_overhead"] = guarded / plain - 1
+    return out
+
+
+def bench_training(steps: int = 3) -> dict:
+    """Useful (non-padding) tokens/s of SFT: length-grouped dynamic padding vs padding to max_length."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from training.config import SftConfig
+    from training.sft import build_datasets
+    from training.trainer import prepare_model
+
+    cfg = SftConfig(data="../shared/data/counsel-chat/counsel_chat_context_response.jsonl", preset="context_response",
+                    split_column="split", group_column="questionID", max_length=320, batch_size=4)
+    model, tok = prepare_model(cfg)
+    train, _, _ = build_datasets(cfg, tok)
+    order = sorted(range(len(train)), key=lambda i: len(train[i]["input_ids"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    out, rng = {}, random.Random(0)
+    for label, padding in (("naive_fixed_length", "max_length"), ("length_grouped", True)):
+        collate = DataCollatorForSeq2Seq(tok, padding=padding, max_length=cfg.max_length, label_pad_token_id=-100)
+        useful, t = 0, time.perf_counter()
+        for _ in range(steps):
+            if padding is True:  # neighbours in length, padded to the longest: what group_by_length builds
+                start = rng.randrange(len(order) - cfg.batch_size)
+                idx = order[start : start + cfg.batch_size]
+            else:  # a random batch padded to max_length
+                idx = rng.sample(range(len(train)), cfg.batch_size)
+            batch = collate([train[i] for i in idx])
+            useful += int(batch["attention_mask"].sum())
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        out[f"{label}_useful_tok_s"] = useful / (time.perf_counter() - t)
+    out["speedup"] = out["length_grouped_useful_tok_s"] / out["naive_fixed_length_useful_tok_s"]
+    return out
+
+
 def bench_decoding(tokens: int) -> dict:
     import torch
 
@@ -80,9 +178,13 @@ def bench_decoding(tokens: int) -> dict:
             first = time.perf_counter() - t
     ours = time.perf_counter() - t
     model.generation_config.min_new_tokens = None
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = memory_bandwidth_gbs()
     return {"prompt_tokens": len(ids), "new_tokens": tokens,
             "baseline_generate_tok_s": tokens / baseline, "engine_stream_tok_s": tokens / ours,
-            "ratio_vs_baseline": baseline / ours, "time_to_first_token_s": first}
+            "ratio_vs_baseline": baseline / ours, "time_to_first_token_s": first,
+            "weights_mb": weights / 1e6, "bandwidth_gb_s": bandwidth, "ceiling_tok_s": bandwidth * 1e9 / weights,
+            "share_of_ceiling": (tokens / ours) / (bandwidth * 1e9 / weights)}
 
 
 def bench_compare(tokens: int) -> dict:
@@ -141,17 +243,26 @@ def main() -> int:
     import torch
 
     result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "startup": bench_startup(),
-              "decoding": bench_decoding(args.tokens), "compare": bench_compare(args.tokens), "safety": bench_safety()}
+              "decoding": bench_decoding(args.tokens), "variants": bench_variants(args.tokens),
+              "compare": bench_compare(args.tokens), "safety": bench_safety(), "training": bench_training()}
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s, d, g, c = result["startup"], result["decoding"], result["safety"], result["compare"]
+    v, tr = result["variants"], result["training"]
     print(f"Machine: {result['machine']}")
     print("| measure | value | baseline | ratio |\n|---|---|---|---|")
     print(f"| first start (GGUF conversion + load) | {s['first_start_s']:.1f} s | | |")
     print(f"| later start (load from cache) | {s['later_start_s']:.2f} s | first start | {s['first_start_s'] / s['later_start_s']:.0f}x faster |")
     print(f"| decoding, app engine (stream) | {d['engine_stream_tok_s']:.1f} tok/s | plain generate {d['baseline_generate_tok_s']:.1f} tok/s | {d['ratio_vs_baseline']:.2f}x |")
+    print(f"| decoding ceiling: {d['weights_mb']:.0f} MB of weights per token at {d['bandwidth_gb_s']:.1f} GB/s (array copy) | {d['ceiling_tok_s']:.1f} tok/s | app engine | {d['share_of_ceiling']:.0%} of ceiling |")
+    print(f"| decoding, shipped adapter hot-swapped | {v['adapter_hot_swapped_tok_s']:.1f} tok/s | plain generate (base) | {v['adapter_hot_swapped_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
+    print(f"| decoding, shipped adapter merged | {v['adapter_merged_tok_s']:.1f} tok/s | plain generate (base) | {v['adapter_merged_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
     print(f"| time to first token ({d['prompt_tokens']}-token prompt) | {d['time_to_first_token_s']:.2f} s | | |")
+    print(f"| output-check stream wrapper, added to decoding time | {v['stream_wrapper_overhead']:+.1%} | same engine without it | |")
     print(f"| compare: two {c['tokens_per_answer']}-token answers, one batched generate | {c['batched_s']:.1f} s | one after the other {c['sequential_s']:.1f} s | {c['speedup']:.2f}x |")
     print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
+    print(f"| SFT useful tokens/s, length-grouped batches | {tr['length_grouped_useful_tok_s']:.0f} | naive padding to 320: {tr['naive_fixed_length_useful_tok_s']:.0f} | {tr['speedup']:.2f}x |")
+    print(f"| peak resident memory of this process | {result['peak_rss_mb']:.0f} MB | | |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

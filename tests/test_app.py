@@ -12,16 +12,18 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def served(real_model, guard):
+def served(default_model_dir, guard):
+    """The real default model with the shipped adapter, as `python app.py` serves it."""
     import app
-    from chatbot.config import GenerationConfig
+    from chatbot.config import DEFAULT_ADAPTER, GenerationConfig, ModelConfig
     from chatbot.generation import ChatEngine
+    from chatbot.loading import load_model
     from chatbot.service import ChatService
     from safety.hotlines import directory
 
-    model, tok = real_model
+    model, tok = load_model(ModelConfig(adapter=str(DEFAULT_ADAPTER)))
     service = ChatService(ChatEngine(model, tok), guard, GenerationConfig(max_new_tokens=80, seed=0))
-    demo = app.build_demo(service, directory().choices(), "US")
+    demo = app.build_demo(service, directory().choices(), "US", adapters=app.AdapterChoices(service))
     demo.queue(max_size=8, default_concurrency_limit=1)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
     yield url
@@ -127,3 +129,63 @@ def test_browser_chat_streams_reply(served, browser):
     assert len(set(lengths)) > 2, f"the reply did not stream: {lengths}"
     shown = browser.find_elements(By.CSS_SELECTOR, "#chat .bot, #chat [data-testid='bot']")[-1].text
     assert "sorry you're going through this" not in shown  # an ordinary message, an ordinary reply
+
+
+def _wait_until_stable(read, timeout=180, quiet=3.0):
+    """Poll read() until its value has not changed for `quiet` seconds; return the last value."""
+    last, since, deadline = read(), time.time(), time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(0.25)
+        now = read()
+        if now != last:
+            last, since = now, time.time()
+        elif time.time() - since >= quiet:
+            break
+    return last
+
+
+def test_compare_endpoint_on_the_shipped_adapter(client):
+    base, tuned = client.predict("I feel lonely since I moved to a new city.", api_name="/compare")
+    assert len(base.split()) >= 5 and len(tuned.split()) >= 5
+    assert base != tuned  # two different models answered
+
+
+def test_browser_compare_view_streams_both_answers(served, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(served)
+    wait = WebDriverWait(browser, 120)
+    tab = wait.until(lambda d: [b for b in d.find_elements(By.CSS_SELECTOR, "button[role='tab']") if b.text == "Compare"])
+    tab[0].click()
+    box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#compare-message textarea"))
+    box.send_keys("How can I stop overthinking at night?")
+    browser.find_element(By.ID, "compare-send").click()
+    read = lambda: tuple(browser.find_element(By.ID, i).text for i in  # noqa: E731
+                         ("compare-base", "compare-base-status", "compare-finetuned", "compare-finetuned-status"))
+    wait.until(lambda d: "passed" in read()[1] and "passed" in read()[3])
+    base, base_status, tuned, tuned_status = _wait_until_stable(read)
+    assert len(base.split()) >= 5 and len(tuned.split()) >= 5 and base != tuned
+    assert "safety check" in base_status and "safety check" in tuned_status
+
+
+def test_browser_renders_html_and_javascript_links_inert(served, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(served)
+    wait = WebDriverWait(browser, 120)
+    box = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#message textarea"))
+    browser.execute_script("window.__xss = 0; window.alert = () => { window.__xss = 99; };")
+    box.send_keys('<img src=x onerror="window.__xss=1"> <script>window.__xss=2</script> '
+                  '[click me](javascript:window.__xss=3) <a href="javascript:window.__xss=4">link</a>')
+    browser.find_element(By.ID, "send").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat .bot, #chat [data-testid='bot']")) >= 1)
+    _wait_until_stable(lambda: browser.find_element(By.ID, "chat").text)
+    for link in browser.find_elements(By.CSS_SELECTOR, "#chat a"):
+        link.click() if (link.get_attribute("href") or "").startswith("javascript:") else None
+    assert browser.execute_script("return window.__xss") == 0  # nothing ran
+    chat = browser.find_element(By.ID, "chat")
+    assert not chat.find_elements(By.CSS_SELECTOR, "[onerror], script")
+    hrefs = [a.get_attribute("href") or "" for a in chat.find_elements(By.CSS_SELECTOR, "a")]
+    assert not [h for h in hrefs if h.lower().startswith("javascript:")]

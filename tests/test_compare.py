@@ -148,3 +148,16 @@ def test_merged_model_has_no_base_to_compare(untied_dir, adapters_dir, guard):
         list(compare(service, MESSAGE))
     with pytest.raises(AdapterError, match="--merge"):
         service.engine.add_adapter(str(adapters_dir / "kind"))
+
+
+def test_compare_stop_frees_the_model_and_hostile_input_is_calm(service):
+    from chatbot.compare import compare
+
+    stop = threading.Event()
+    stream = compare(service, MESSAGE, stop=stop, gen=GenerationConfig(max_new_tokens=200, temperature=0))
+    next(stream)
+    stream.close()  # a client that leaves mid-comparison
+    assert stop.is_set() and not service.engine.lock.locked()
+    for text in ("", "x" * 100_000, "lone \ud800 surrogate \u202e", "<img src=x onerror=alert(1)>"):
+        final = list(compare(service, text))[-1]
+        assert final["base"].strip() and final["finetuned"].strip()
