@@ -76,22 +76,9 @@ def stream_pair(engine, messages: list[dict], gen: GenerationConfig | None, stop
     kwargs = engine._generate_kwargs(ids, gen, stop)
     kwargs["input_ids"] = kwargs["input_ids"].repeat(2, 1)
     kwargs["attention_mask"] = kwargs["attention_mask"].repeat(2, 1)
-    errors: list[BaseException] = []
-
-    def run():
-        try:
-            with engine.lock, torch.inference_mode():
-                if gen.seed is not None:
-                    torch.manual_seed(gen.seed)
-                if not stop.is_set():
-                    model.generate(**kwargs, streamer=streamer, adapter_names=names)
-        except BaseException as exc:  # surfaced to the consumer below
-            errors.append(exc)
-        finally:
-            streamer.end()
-
-    thread = threading.Thread(target=run, name="generate-pair", daemon=True)
-    thread.start()
+    kwargs["adapter_names"] = names
+    # adapter=None: no set_adapter/disable_adapter around the call; adapter_names picks per row
+    thread, errors = engine.start_generate(kwargs, streamer, gen, stop, adapter=None)
     filters = [ThinkFilter(), ThinkFilter()]
     try:
         while (item := out.get()) is not _DONE:
@@ -136,7 +123,7 @@ def compare(service, message, region: str | None = None, adapter: str | None = N
     if not full:
         yield {"base": EMPTY_REPLY, "finetuned": EMPTY_REPLY, "status": [PASSED, PASSED], "crisis": False}
         return
-    text, notice = service._prepare(full)
+    text, notice = service.prepare(full)
     verdict = service.guard.check_input(full, None)
     if verdict.crisis:
         response = service.guard.crisis_response(region, about_other=verdict.category == "other")

@@ -143,6 +143,29 @@ class ChatEngine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
 
+    def start_generate(self, kwargs: dict, streamer, gen: GenerationConfig, stop: threading.Event,
+                       adapter: str | None = None) -> tuple[threading.Thread, list[BaseException]]:
+        """Run `generate` in a thread under the lock; errors are collected for the consumer to raise."""
+        import torch
+
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                with self.lock, torch.inference_mode(), self._adapter_context(adapter):
+                    if gen.seed is not None:
+                        torch.manual_seed(gen.seed)
+                    if not stop.is_set():
+                        self.model.generate(**kwargs, streamer=streamer)
+            except BaseException as exc:  # surfaced to the consumer
+                errors.append(exc)
+            finally:
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="generate", daemon=True)
+        thread.start()
+        return thread, errors
+
     def stream(
         self,
         messages: list[dict],
@@ -159,22 +182,7 @@ class ChatEngine:
         ids, _ = self.prepare(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = self._generate_kwargs(ids, gen, stop)
-        errors: list[BaseException] = []
-
-        def run():
-            try:
-                with self.lock, torch.inference_mode(), self._adapter_context(adapter):
-                    if gen.seed is not None:
-                        torch.manual_seed(gen.seed)
-                    if not stop.is_set():
-                        self.model.generate(**kwargs, streamer=streamer)
-            except BaseException as exc:  # surfaced to the consumer below
-                errors.append(exc)
-            finally:
-                streamer.end()
-
-        thread = threading.Thread(target=run, name="generate", daemon=True)
-        thread.start()
+        thread, errors = self.start_generate(kwargs, streamer, gen, stop, adapter)
         think = ThinkFilter()
         try:
             for delta in streamer:

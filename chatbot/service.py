@@ -52,7 +52,7 @@ class ChatService:
         names = [a for a in self.engine.adapters if a != BASE]
         return names[0] if names else None
 
-    def _prepare(self, message) -> tuple[str, str]:
+    def prepare(self, message) -> tuple[str, str]:
         """(text the model will read, notice to show) for a raw message."""
         text = clean_message(message)
         if len(text) > self.limits.max_input_chars:
@@ -74,7 +74,7 @@ class ChatService:
         if not full:
             yield EMPTY_REPLY
             return
-        text, notice = self._prepare(full)
+        text, notice = self.prepare(full)
         verdict = self.guard.check_input(full, conversation)  # the whole message, not just what the model reads
         if verdict.crisis:
             yield self.guard.crisis_response(region, about_other=verdict.category == "other")
