@@ -38,6 +38,34 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _earlier_stage(init_adapter: str | None) -> str:
+    """A section on the adapter this run continued, read from that adapter's own folder."""
+    import json
+
+    if not init_adapter:
+        return ""
+    folder = Path(init_adapter)
+    try:
+        config = json.loads((folder / "training_config.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return f"\n## Earlier stage\n\nContinues the adapter `{init_adapter}` (its records were not found).\n"
+    data = config.get("data")
+    data = ", ".join(map(str, data)) if isinstance(data, list) else data
+    keys = ("steps", "tokens_seen", "base_val_perplexity", "val_perplexity", "train_seconds")
+    rows = "\n".join(f"| {k} | {_fmt(metrics[k])} |" for k in keys if k in metrics)
+    return f"""
+## Earlier stage: {metrics.get("stage", "?")}
+
+This adapter continues `{init_adapter}` (same LoRA matrices, trained further), so it carries
+both stages. That stage read `{data}`: {(config.get("data_description") or "no description").rstrip(".")}.
+
+| metric (earlier stage, its own validation data) | value |
+|---|---|
+{rows}
+"""
+
+
 def write_card(out: Path, cfg, stage: str, metrics: dict) -> None:
     rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if not isinstance(v, dict))
     data_rows = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in metrics.get("data", {}).items())
@@ -82,7 +110,7 @@ come from one community of writers and reflect their style and cultural assumpti
 ## Training
 
 {hyper}
-
+{_earlier_stage(getattr(cfg, "init_adapter", None))}
 ## Metrics
 
 Validation loss and perplexity are on held-out data that no training step saw; `base_` rows are
