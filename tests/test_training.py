@@ -228,6 +228,7 @@ def test_cli_end_to_end_writes_a_self_describing_adapter(tiny_dir, qa_file, tmp_
                  "loss.png", "README.md"):
         assert (out / name).is_file(), name
     assert json.loads((out / "training_config.json").read_text())["max_steps"] == 2
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir)
     assert "not a therapist" in (out / "README.md").read_text()
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()

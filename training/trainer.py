@@ -140,6 +140,10 @@ def train(cfg, stage: str, build_datasets):
     metrics["device"] = "cpu" if on_cpu else torch.cuda.get_device_name(0)
     metrics["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.save_pretrained(str(out))
+    # record the base as the user named it (PEFT would write the resolved cache path of this machine)
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = cfg.model
+    (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     (out / "training_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
