@@ -14,6 +14,7 @@ One base model is loaded; the adapter is switched off for the base model's turns
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +24,7 @@ from .data import DataError, load_pairs
 from .sft import IGNORE, encode_pair, messages_for, system_prompt_of
 
 CRISIS_PROMPTS = Path(__file__).parent / "data" / "crisis_prompts.yaml"
+log = logging.getLogger(__name__)
 
 
 def nll(model, rows: list[dict], batch_size: int = 8) -> tuple[float, int]:
@@ -107,6 +109,7 @@ def run(cfg: EvaluateConfig) -> dict:
     crisis_replies: dict[str, list[str]] = {}
     for name, ctx in _each_model(model):
         with ctx:
+            log.info("%s: perplexity on %d answers, then %d + %d generated replies", name, len(rows), len(questions), len(crisis))
             total, count = nll(model, rows)
             report[f"{name}_perplexity"] = math.exp(total / max(count, 1))
             answers[name] = [generate(model, tokenizer, q, system, cfg.max_new_tokens) for q in questions]
