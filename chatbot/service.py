@@ -49,7 +49,7 @@ class ChatService:
 
     def default_adapter(self) -> str | None:
         """The adapter a request without one uses: the first loaded, or None for the base model."""
-        names = [a for a in self.engine.adapters if a != BASE]
+        names = [a for a in getattr(self.engine, "adapters", []) if a != BASE]
         return names[0] if names else None
 
     def prepare(self, message) -> tuple[str, str]:
