@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--region", default=_env("REGION", "INTL"),
                    help="crisis resources region, e.g. US, GB, IN; INTL for the international directory (env CHATBOT_REGION)")
     p.add_argument("--max-new-tokens", type=int, default=int(_env("MAX_NEW_TOKENS", 256)), help="longest reply in tokens")
+    p.add_argument("--temperature", type=float, default=float(_env("TEMPERATURE", 0.7)),
+                   help="sampling temperature; 0 for greedy, reproducible replies (env CHATBOT_TEMPERATURE)")
     p.add_argument("--queue-size", type=int, default=Limits().queue_size, help="requests waiting before 'busy' (env QUEUE_MAX_SIZE)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "WARNING"), help="message text is never logged at any level")
     p.add_argument("--auth", default=_env("AUTH"), metavar="USER:PASSWORD[,USER:PASSWORD]",
@@ -345,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     guard.warm_up()
     limits = Limits(queue_size=args.queue_size)
     engine = ChatEngine(model, tokenizer, limits.max_input_tokens, merged=bool(cfg.merge and cfg.adapter))
-    service = ChatService(engine, guard, GenerationConfig(max_new_tokens=args.max_new_tokens), limits)
+    service = ChatService(engine, guard, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature), limits)
     choices = AdapterChoices(service, extra=[cfg.adapter] if cfg.adapter else [])
     demo = build_demo(service, [(label, code) for label, code in directory().choices()], args.region, adapters=choices,
                       rate_limit=args.rate_limit)

@@ -1,24 +1,29 @@
-"""Load test: many concurrent sessions against the app on 127.0.0.1, through gradio_client.
+"""Load test: many concurrent sessions against the running app on 127.0.0.1, via gradio_client.
 
     python -m bench.load [--sessions 16] [--requests 200] [--queue-size 32] [--max-new-tokens 16]
     (or: make load)
 
-The app runs in this process on a free local port with greedy decoding, so each message has one
-correct reply: a reply that differs from the one computed beforehand for that message would be
-another session's. Every request either completes or gets the queue's "busy" error. Memory is the
-resident size of this process (the server), sampled as requests complete.
+The app runs as its own process (`python app.py`, greedy decoding, rate limit off), so the memory
+figures are the server's alone. Each message has one correct reply under greedy decoding; the
+replies are taken once, one at a time, before the load starts, and a reply that differs under
+load would be another session's. Every request either completes or gets the queue's "busy" error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import math
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [
     "I've been feeling stressed about my exams.",
     "I feel lonely since I moved to a new city.",
@@ -28,73 +33,84 @@ MESSAGES = [
 ]
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.load")
     p.add_argument("--sessions", type=int, default=16)
-    p.add_argument("--requests", type=int, default=200, help="total requests over all sessions")
+    p.add_argument("--requests", type=int, default=200, help="total requests over all sessions (at least)")
     p.add_argument("--queue-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--json", default="bench/results/load.json")
     args = p.parse_args()
-
-    import app
-    from chatbot.config import DEFAULT_ADAPTER, GenerationConfig, ModelConfig
-    from chatbot.generation import ChatEngine
-    from chatbot.loading import load_model
-    from chatbot.service import ChatService
     from gradio_client import Client
-    from safety import ConversationState, Guard
 
-    adapter = str(DEFAULT_ADAPTER) if (DEFAULT_ADAPTER / "adapter_config.json").is_file() else None
-    model, tok = load_model(ModelConfig(adapter=adapter))
-    guard = Guard()
-    guard.warm_up()
-    service = ChatService(ChatEngine(model, tok), guard, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0))
-    expected = {m: service.reply(m, conversation=ConversationState(), region="INTL") for m in MESSAGES}
-    demo = app.build_demo(service, [("International", "INTL")], "INTL")
-    demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
-
-    per_session = max(1, args.requests // args.sessions)
-    latencies, wrong, busy, errors, memory = [], 0, 0, [], []
-    lock = threading.Lock()
-    start_rss = rss_mb()
-
-    def session(k: int):
-        nonlocal wrong, busy
-        client = Client(url, verbose=False)
-        for turn in range(per_session):
-            message = MESSAGES[(k + turn) % len(MESSAGES)]
-            t = time.perf_counter()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "app.py", "--port", str(port), "--temperature", "0", "--rate-limit", "0",
+         "--max-new-tokens", str(args.max_new_tokens), "--queue-size", str(args.queue_size)],
+        cwd=ROOT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline, client = time.time() + 300, None
+        while client is None and time.time() < deadline:
             try:
-                reply = client.predict(message, api_name="/chat")
-            except Exception as exc:  # noqa: BLE001 - counted and reported
-                with lock:
-                    if "queue" in str(exc).lower() or "busy" in str(exc).lower():
-                        busy += 1
-                    else:
-                        errors.append(type(exc).__name__)
-                continue
-            with lock:
-                latencies.append(time.perf_counter() - t)
-                wrong += reply != expected[message]
-                memory.append(rss_mb())
+                client = Client(url, verbose=False)
+            except Exception:  # noqa: BLE001 - not up yet
+                time.sleep(1)
+        if client is None:
+            print("error: the app did not start", file=sys.stderr)
+            return 2
+        expected = {m: client.predict(m, api_name="/chat") for m in MESSAGES}
+        rss_ready = rss_mb(server.pid)
 
-    started = time.perf_counter()
-    threads = [threading.Thread(target=session, args=(k,)) for k in range(args.sessions)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
-    demo.close()
+        per_session = math.ceil(args.requests / args.sessions)
+        latencies, memory, errors = [], [], []
+        wrong = busy = 0
+        lock = threading.Lock()
+
+        def session(k: int):
+            nonlocal wrong, busy
+            c = Client(url, verbose=False)
+            for turn in range(per_session):
+                message = MESSAGES[(k + turn) % len(MESSAGES)]
+                t = time.perf_counter()
+                try:
+                    reply = c.predict(message, api_name="/chat")
+                except Exception as exc:  # noqa: BLE001 - counted and reported
+                    with lock:
+                        if "queue" in str(exc).lower() or "busy" in str(exc).lower():
+                            busy += 1
+                        else:
+                            errors.append(type(exc).__name__)
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+                    wrong += reply != expected[message]
+                    memory.append(rss_mb(server.pid))
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=session, args=(k,)) for k in range(args.sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
     lat = sorted(latencies)
     tenth = max(1, len(memory) // 10)
@@ -103,8 +119,10 @@ def main() -> int:
         "errors": len(errors), "error_types": sorted(set(errors)), "wrong_session_replies": wrong,
         "throughput_rps": len(lat) / elapsed, "p50_s": statistics.median(lat) if lat else None,
         "p95_s": lat[int(0.95 * (len(lat) - 1))] if lat else None, "max_new_tokens": args.max_new_tokens,
-        "rss_start_mb": start_rss, "rss_first_tenth_mb": statistics.mean(memory[:tenth]) if memory else None,
-        "rss_last_tenth_mb": statistics.mean(memory[-tenth:]) if memory else None, "adapter": adapter,
+        "server_rss_ready_mb": rss_ready,
+        "server_rss_first_tenth_mb": statistics.mean(memory[:tenth]) if memory else None,
+        "server_rss_last_tenth_mb": statistics.mean(memory[-tenth:]) if memory else None,
+        "server_rss_peak_mb": max(memory) if memory else None,
     }
     print(json.dumps(result, indent=2))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -43,15 +43,13 @@ def embedder_path(name: str = DEFAULT_EMBEDDER) -> str:
 
 @lru_cache(maxsize=2)
 def load_embedder(name: str = DEFAULT_EMBEDDER):
-    import torch
     from sentence_transformers import SentenceTransformer
 
     path = embedder_path(name)
     if Path(path).is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = SentenceTransformer(path, device="cpu")
-    model.eval()
-    torch.set_grad_enabled(False)
+    model.eval()  # encode() runs without gradients; never switch them off for the whole thread
     return model
 
 
@@ -121,7 +119,9 @@ class EmbeddingClassifier:
         return self.heads[stage][2]
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        with self._lock:
+        import torch
+
+        with self._lock, torch.inference_mode():
             return self.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
 
     def score(self, text: str, stage: str = "input") -> float:
