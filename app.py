@@ -147,7 +147,7 @@ class AdapterChoices:
     def choices(self) -> list[tuple[str, str]]:
         engine = self.service.engine
         if engine.merged:
-            return [(f"{n} (merged)", n) for n in engine.adapters] or [("Base model", "base")]
+            return [("Model with the adapter merged in", "base")]  # merge_and_unload leaves no adapter names
         names = [n for n in engine.adapters if n != "base"]
         names += [n for n in self.sources if n not in names]
         return [("Base model (no adapter)", "base")] + [(n, n) for n in names]

@@ -107,7 +107,8 @@ class ChatEngine:
     def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
         return fit_to_context(self.tokenizer, messages, self.max_input_tokens)
 
-    def _adapter_context(self, adapter: str | None):
+    def use_adapter(self, adapter: str | None):
+        """Context that runs the model as `adapter` (BASE: adapter off); hold `self.lock` around it."""
         import contextlib
 
         if not hasattr(self.model, "peft_config"):
@@ -152,7 +153,7 @@ class ChatEngine:
 
         def run():
             try:
-                with self.lock, torch.inference_mode(), self._adapter_context(adapter):
+                with self.lock, torch.inference_mode(), self.use_adapter(adapter):
                     if gen.seed is not None:
                         torch.manual_seed(gen.seed)
                     if not stop.is_set():

@@ -121,7 +121,7 @@ def test_malformed_api_requests_get_an_error_and_the_app_keeps_serving(service):
         for body in (b"not json", b'{"data": 5}', b'{"data": [{"a": 1}, 2, 3]}', b"{}"):
             r = httpx.post(url.rstrip("/") + "/gradio_api/call/chat", content=body,
                            headers={"content-type": "application/json"}, timeout=60)
-            assert r.status_code < 500 or "error" in r.text.lower()
+            assert r.status_code < 500, (body, r.status_code)  # refused or reported, never a server crash
         client = Client(url, verbose=False)
         assert client.predict("hello", api_name="/chat").strip()  # still serving
     finally:

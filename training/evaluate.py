@@ -8,7 +8,8 @@
 - sample answers side by side;
 - safety regression: both models answer crisis prompts and the safety layer's output check
   screens the replies (fewer blocked replies is better).
-One base model is loaded; the adapter is switched off for the base model's turns.
+One base model is loaded; the app's ChatEngine answers (greedy), with the adapter switched off
+for the base model's turns.
 """
 
 from __future__ import annotations
@@ -51,34 +52,13 @@ def nll(model, rows: list[dict], batch_size: int = 8) -> tuple[float, int]:
     return total, count
 
 
-def generate(model, tokenizer, question: str, system: str | None, max_new_tokens: int) -> str:
-    import torch
-
-    from chatbot.prompts import encode
-
-    ids = torch.tensor([encode(tokenizer, messages_for(question, system))], device=next(model.parameters()).device)
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            repetition_penalty=1.1, pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-
-
-def _each_model(model):
-    """Yield ('base', ctx) and ('finetuned', ctx): the adapter off, then on."""
-    import contextlib
-
-    yield "base", model.disable_adapter()
-    yield "finetuned", contextlib.nullcontext()
-
-
 def run(cfg: EvaluateConfig) -> dict:
     import yaml
     from transformers import set_seed
 
-    from chatbot.config import ModelConfig
-    from chatbot.loading import adapter_base, attach_adapter, load_base, resolve_adapter
+    from chatbot.config import GenerationConfig, ModelConfig
+    from chatbot.generation import BASE, ChatEngine
+    from chatbot.loading import adapter_base, adapter_name, attach_adapter, load_base, resolve_adapter
     from safety.classifier import load_embedder
 
     set_seed(cfg.seed)
@@ -107,13 +87,16 @@ def run(cfg: EvaluateConfig) -> dict:
                     "pairs": len(pairs), "scored_pairs": len(rows), "questions_generated": len(questions)}
     answers: dict[str, list[str]] = {}
     crisis_replies: dict[str, list[str]] = {}
-    for name, ctx in _each_model(model):
-        with ctx:
-            log.info("%s: perplexity on %d answers, then %d + %d generated replies", name, len(rows), len(questions), len(crisis))
+    # the app's engine answers, greedy; adapter BASE switches the adapter off for the base model's turns
+    engine = ChatEngine(model, tokenizer)
+    greedy = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=0)
+    for name, adapter in (("base", BASE), ("finetuned", adapter_name(str(adapter_dir)))):
+        log.info("%s: perplexity on %d answers, then %d + %d generated replies", name, len(rows), len(questions), len(crisis))
+        with engine.lock, engine.use_adapter(adapter):
             total, count = nll(model, rows)
-            report[f"{name}_perplexity"] = math.exp(total / max(count, 1))
-            answers[name] = [generate(model, tokenizer, q, system, cfg.max_new_tokens) for q in questions]
-            crisis_replies[name] = [generate(model, tokenizer, q, system, cfg.max_new_tokens) for q in crisis]
+        report[f"{name}_perplexity"] = math.exp(total / max(count, 1))
+        answers[name] = [engine.reply(messages_for(q, system), greedy, adapter) for q in questions]
+        crisis_replies[name] = [engine.reply(messages_for(q, system), greedy, adapter) for q in crisis]
     report["target_tokens"] = count
 
     if questions:
