@@ -4,8 +4,9 @@
 
 - first start: GGUF -> safetensors conversion into an empty cache, then load;
 - later start: load from the converted cache;
-- decoding: the app's streaming engine against plain `model.generate` (float32, greedy, same
-  prompt and token count) in the same process;
+- decoding: the app's streaming engine on the default CPU format (int8 weight-only) against plain
+  `model.generate` (float32, greedy, same prompt and token count) in the same process, and the
+  bandwidth ceiling of each format: bytes of weights read per token over a large array copy's speed;
 - compare: base and fine-tuned answers from one batched `generate` (PEFT adapter_names) against
   two answers one after the other (disable_adapter, then the adapter), same token counts;
 - safety: p50/p95 latency of input and output checks.
@@ -149,7 +150,25 @@ def bench_training(steps: int = 3) -> dict:
     return out
 
 
+def bytes_per_token(model) -> int:
+    """Bytes of weights one decoding step reads: every Linear (int8 weights and scales counted as
+    stored) and norm; of an embedding only one row, unless it is also the output head."""
+    import torch
+
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for name in ("weight", "scales", "bias"):
+            t = getattr(module, name, None)
+            if isinstance(t, torch.Tensor) and t.data_ptr() not in seen and list(module.children()) == []:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
 def bench_decoding(tokens: int) -> dict:
+    """Plain float32 `generate` against the app's engine on the default format (auto: int8 on CPU)."""
     import torch
 
     from chatbot.config import GenerationConfig, ModelConfig
@@ -157,34 +176,33 @@ def bench_decoding(tokens: int) -> dict:
     from chatbot.loading import load_model
     from chatbot.prompts import build_messages
 
-    model, tok = load_model(ModelConfig(adapter=None))
+    text = "I've been feeling stressed about work and can't sleep. What can I do?"
+    messages = build_messages([], text)
+    fp32, tok = load_model(ModelConfig(adapter=None, quantize="none"))
+    model, _ = load_model(ModelConfig(adapter=None))
     engine = ChatEngine(model, tok)
-    messages = build_messages([], "I've been feeling stressed about work and can't sleep. What can I do?")
     ids, _ = engine.prepare(messages)
     input_ids = torch.tensor([ids])
-    # force exactly `tokens` new tokens in both paths
-    gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     common = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.inference_mode():
-        model.generate(input_ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
+        fp32.generate(input_ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
         t = time.perf_counter()
-        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **common)
+        fp32.generate(input_ids, attention_mask=torch.ones_like(input_ids), **common)
         baseline = time.perf_counter() - t
-    model.generation_config.min_new_tokens = tokens
-    t = time.perf_counter()
-    first = None
-    for _ in engine.stream(messages, gen):
-        if first is None:
-            first = time.perf_counter() - t
-    ours = time.perf_counter() - t
-    model.generation_config.min_new_tokens = None
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    speed, first = _engine_speed(engine, messages, tokens)
+    short = [{"role": "user", "content": text}]  # no system prompt: about 50 tokens
+    _, first_short = _engine_speed(engine, short, 8)
     bandwidth = memory_bandwidth_gbs()
-    return {"prompt_tokens": len(ids), "new_tokens": tokens,
-            "baseline_generate_tok_s": tokens / baseline, "engine_stream_tok_s": tokens / ours,
-            "ratio_vs_baseline": baseline / ours, "time_to_first_token_s": first,
-            "weights_mb": weights / 1e6, "bandwidth_gb_s": bandwidth, "ceiling_tok_s": bandwidth * 1e9 / weights,
-            "share_of_ceiling": (tokens / ours) / (bandwidth * 1e9 / weights)}
+    out = {"prompt_tokens": len(ids), "short_prompt_tokens": len(engine.prepare(short)[0]), "new_tokens": tokens,
+           "format": "int8 weight-only" if type(model.lm_head).__name__ == "Int8Linear" else str(model.dtype),
+           "baseline_generate_tok_s": tokens / baseline, "engine_stream_tok_s": speed,
+           "ratio_vs_baseline": speed * baseline / tokens, "time_to_first_token_s": first,
+           "time_to_first_token_short_s": first_short, "bandwidth_gb_s": bandwidth}
+    for label, m in (("fp32", fp32), ("engine", model)):
+        out[f"{label}_mb_per_token"] = bytes_per_token(m) / 1e6
+        out[f"{label}_ceiling_tok_s"] = bandwidth * 1e9 / bytes_per_token(m)
+    out["share_of_ceiling"] = speed / out["engine_ceiling_tok_s"]
+    return out
 
 
 def bench_compare(tokens: int) -> dict:
@@ -201,16 +219,18 @@ def bench_compare(tokens: int) -> dict:
     gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     model.generation_config.min_new_tokens = tokens  # both paths write exactly `tokens` per answer
     list(engine.stream(messages, GenerationConfig(max_new_tokens=4, temperature=0)))  # warm-up
-    t = time.perf_counter()
+    times = {}
     for adapter in (BASE, name):
+        t = time.perf_counter()
         list(engine.stream(messages, gen, adapter=adapter))
-    sequential = time.perf_counter() - t
+        times[adapter] = time.perf_counter() - t
+    sequential = sum(times.values())
     t = time.perf_counter()
     list(stream_pair(engine, messages, gen, None, (BASE, name)))
     batched = time.perf_counter() - t
     model.generation_config.min_new_tokens = None
-    return {"tokens_per_answer": tokens, "sequential_s": sequential, "batched_s": batched,
-            "speedup": sequential / batched}
+    return {"tokens_per_answer": tokens, "single_fine_tuned_s": times[name], "sequential_s": sequential,
+            "batched_s": batched, "speedup": sequential / batched, "vs_single": batched / times[name]}
 
 
 def bench_safety(n: int = 60) -> dict:
@@ -252,13 +272,16 @@ def main() -> int:
     print("| measure | value | baseline | ratio |\n|---|---|---|---|")
     print(f"| first start (GGUF conversion + load) | {s['first_start_s']:.1f} s | | |")
     print(f"| later start (load from cache) | {s['later_start_s']:.2f} s | first start | {s['first_start_s'] / s['later_start_s']:.0f}x faster |")
-    print(f"| decoding, app engine (stream) | {d['engine_stream_tok_s']:.1f} tok/s | plain generate {d['baseline_generate_tok_s']:.1f} tok/s | {d['ratio_vs_baseline']:.2f}x |")
-    print(f"| decoding ceiling: {d['weights_mb']:.0f} MB of weights per token at {d['bandwidth_gb_s']:.1f} GB/s (array copy) | {d['ceiling_tok_s']:.1f} tok/s | app engine | {d['share_of_ceiling']:.0%} of ceiling |")
+    print(f"| decoding, app engine ({d['format']}, stream) | {d['engine_stream_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_generate_tok_s']:.1f} tok/s | {d['ratio_vs_baseline']:.2f}x |")
+    print(f"| decoding ceiling, {d['format']}: {d['engine_mb_per_token']:.0f} MB read per token at {d['bandwidth_gb_s']:.1f} GB/s (array copy) | {d['engine_ceiling_tok_s']:.1f} tok/s | app engine | {d['share_of_ceiling']:.0%} of ceiling |")
+    print(f"| decoding ceiling, float32: {d['fp32_mb_per_token']:.0f} MB per token | {d['fp32_ceiling_tok_s']:.1f} tok/s | plain generate | {d['baseline_generate_tok_s'] / d['fp32_ceiling_tok_s']:.0%} of ceiling |")
     print(f"| decoding, shipped adapter hot-swapped | {v['adapter_hot_swapped_tok_s']:.1f} tok/s | plain generate (base) | {v['adapter_hot_swapped_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
     print(f"| decoding, shipped adapter merged | {v['adapter_merged_tok_s']:.1f} tok/s | plain generate (base) | {v['adapter_merged_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
-    print(f"| time to first token ({d['prompt_tokens']}-token prompt) | {d['time_to_first_token_s']:.2f} s | | |")
+    print(f"| time to first token, {d['short_prompt_tokens']}-token prompt | {d['time_to_first_token_short_s']:.2f} s | | |")
+    print(f"| time to first token, {d['prompt_tokens']}-token prompt (app's system prompt) | {d['time_to_first_token_s']:.2f} s | | |")
     print(f"| output-check stream wrapper, added to decoding time | {v['stream_wrapper_overhead']:+.1%} | same engine without it | |")
-    print(f"| compare: two {c['tokens_per_answer']}-token answers, one batched generate | {c['batched_s']:.1f} s | one after the other {c['sequential_s']:.1f} s | {c['speedup']:.2f}x |")
+    print(f"| compare: two {c['tokens_per_answer']}-token answers, one batched generate | {c['batched_s']:.1f} s | one after the other {c['sequential_s']:.1f} s | {c['speedup']:.2f}x faster |")
+    print(f"| compare: two answers against one | {c['batched_s']:.1f} s | one fine-tuned answer {c['single_fine_tuned_s']:.1f} s | {c['vs_single']:.2f}x the time |")
     print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
     print(f"| SFT useful tokens/s, length-grouped batches | {tr['length_grouped_useful_tok_s']:.0f} | naive padding to 320: {tr['naive_fixed_length_useful_tok_s']:.0f} | {tr['speedup']:.2f}x |")

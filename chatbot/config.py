@@ -35,7 +35,7 @@ class ModelConfig:
     )
     quantize: str = field(
         default="auto",
-        metadata={"help": "auto (4-bit NF4 on CUDA, full precision on CPU), 4bit, 8bit or none."},
+        metadata={"help": "auto (4-bit NF4 on CUDA, int8 weight-only on CPU), 4bit, 8bit (bitsandbytes) or none (full precision)."},
     )
     merge: bool = field(default=False, metadata={"help": "Merge the adapter into the base weights."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})

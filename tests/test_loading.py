@@ -37,7 +37,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
 def test_quantization_translator():
     assert quantization_config("none", "cpu") is None
-    assert quantization_config("auto", "cpu") is None  # CPU: full precision decodes faster
+    assert quantization_config("auto", "cpu") is None  # CPU: int8 weight-only, applied by load_model
     cfg = quantization_config("auto", "cuda")
     assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4"
     assert quantization_config("8bit", "cpu").load_in_8bit
@@ -56,6 +56,7 @@ def _save_adapter(path, hidden=32, vocab=None, seed=1):
     from peft import LoraConfig, get_peft_model
 
     base = make_tiny_model(vocab, hidden=hidden)
+    torch.manual_seed(seed)  # the LoRA matrices' random init
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(path)
     return path
@@ -90,8 +91,46 @@ def test_missing_adapter_is_named(tiny_dir, tmp_path):
 
 def test_merged_adapter_matches_hot_swapped(tiny_dir, tokenizer, tmp_path):
     adapter = _save_adapter(tmp_path / "lora", vocab=len(tokenizer))
-    swapped, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter)))
-    merged, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter), merge=True))
+    swapped, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter), quantize="none"))
+    merged, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter), merge=True, quantize="none"))
     ids = torch.tensor([[1, 7, 8, 9]])
     with torch.no_grad():
         assert torch.allclose(swapped(ids).logits, merged(ids).logits, atol=1e-4)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits[0, -1]
+
+
+@pytest.mark.parametrize("length", [4, 40])  # one path for decoding, one for prompts (PREFILL_ROWS)
+def test_int8_is_the_cpu_default_and_close_to_float32(tiny_dir, length):
+    from chatbot.int8 import Int8Linear
+
+    full, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=None, quantize="none"))
+    int8, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=None))  # auto on CPU
+    assert isinstance(int8.lm_head, Int8Linear) and isinstance(int8.model.layers[0].mlp.up_proj, Int8Linear)
+    assert int8.model.embed_tokens.weight.dtype == torch.float32  # lookups stay exact
+    ids = torch.arange(1, length + 1)[None]
+    a, b = _logits(full, ids), _logits(int8, ids)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_int8_keeps_adapters_switchable(tiny_dir, tokenizer, tmp_path):
+    from chatbot.generation import BASE, ChatEngine
+    from chatbot.int8 import Int8Linear
+
+    first = _save_adapter(tmp_path / "first", vocab=len(tokenizer), seed=1)
+    model, tok = load_model(ModelConfig(model=str(tiny_dir), adapter=str(first)))
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(q.base_layer, Int8Linear) and q.lora_A["first"].weight.dtype == torch.float32
+    engine = ChatEngine(model, tok)
+    second = _save_adapter(tmp_path / "second", vocab=len(tokenizer), seed=2)
+    assert engine.add_adapter(str(second)) == "second"
+    ids = torch.tensor([[1, 20, 30, 40]])
+    outs = {}
+    for name in (BASE, "first", "second"):
+        with engine.use_adapter(name):
+            outs[name] = _logits(engine.model, ids)
+    assert not torch.allclose(outs[BASE], outs["first"]) and not torch.allclose(outs["first"], outs["second"])
