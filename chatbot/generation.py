@@ -11,10 +11,12 @@ generator) halts `generate` at the next token.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 
 from .config import GenerationConfig
+from .int8 import BASE_VARIANT, Int8Linear, add_variants, select_variant
 from .prompts import fit_to_context
 
 BASE = "base"  # adapter name that means: the base model, adapter disabled
@@ -102,6 +104,8 @@ class ChatEngine:
         with self.lock:
             self.model = attach_adapter(self.model, adapter, name)
             self.model.eval()
+            if any(isinstance(m, Int8Linear) for m in self.model.modules()):
+                add_variants(self.model, [name])  # int8 base layers: a merged copy for fast decoding
         return name
 
     def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
@@ -109,19 +113,28 @@ class ChatEngine:
 
     def use_adapter(self, adapter: str | None):
         """Context that runs the model as `adapter` (BASE: adapter off); hold `self.lock` around it."""
-        import contextlib
-
         if not hasattr(self.model, "peft_config"):
             if adapter not in (None, BASE):
                 raise ValueError(f"No adapter {adapter!r} is loaded; the model runs without adapters.")
             return contextlib.nullcontext()
         if adapter == BASE:
-            return self.model.disable_adapter()
+            return self.model.disable_adapter()  # int8 layers hold the base weights between requests
         name = adapter or self.model.active_adapter
         if name not in self.model.peft_config:
             raise ValueError(f"Unknown adapter {adapter!r}; loaded: {', '.join(self.adapters)}")
         self.model.set_adapter(name)
+        if select_variant(self.model, name):
+            return self._merged_variant()
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _merged_variant(self):
+        """Adapter layers off while int8 layers run their merged copies; base weights back after."""
+        try:
+            with self.model.disable_adapter():
+                yield
+        finally:
+            select_variant(self.model, BASE_VARIANT)
 
     def _generate_kwargs(self, ids: list[int], gen: GenerationConfig, stop: threading.Event) -> dict:
         import torch
@@ -153,7 +166,9 @@ class ChatEngine:
 
         def run():
             try:
-                with self.lock, torch.inference_mode(), self.use_adapter(adapter):
+                # batched mixed adapters (adapter_names): PEFT's layers pick per row, on the base weights
+                per_row = "adapter_names" in kwargs
+                with self.lock, torch.inference_mode(), (contextlib.nullcontext() if per_row else self.use_adapter(adapter)):
                     if gen.seed is not None:
                         torch.manual_seed(gen.seed)
                     if not stop.is_set():

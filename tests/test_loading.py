@@ -134,3 +134,28 @@ def test_int8_keeps_adapters_switchable(tiny_dir, tokenizer, tmp_path):
         with engine.use_adapter(name):
             outs[name] = _logits(engine.model, ids)
     assert not torch.allclose(outs[BASE], outs["first"]) and not torch.allclose(outs["first"], outs["second"])
+
+
+def test_int8_adapter_runs_as_a_merged_copy(tiny_dir, tokenizer, tmp_path):
+    """A hot-swapped adapter on int8 layers decodes from a merged int8 copy: same logits as PEFT's
+    layers to rounding, and the base weights are back when the request ends."""
+    from chatbot.generation import BASE, ChatEngine
+    from chatbot.int8 import BASE_VARIANT
+
+    adapter = _save_adapter(tmp_path / "lora", vocab=len(tokenizer))
+    model, tok = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter)))
+    full, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter), quantize="none"))
+    engine = ChatEngine(model, tok)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    base_weight = q.base_layer.weight
+    ids = torch.tensor([[1, 20, 30, 40]])
+    with engine.use_adapter("lora"):
+        assert q.base_layer.weight is q.base_layer.variants["lora"][0] and q.disable_adapters
+        fast = _logits(model, ids)
+    assert q.base_layer.weight is base_weight and not q.disable_adapters
+    with engine.use_adapter(BASE):
+        base = _logits(model, ids)
+    reference = _logits(full, ids)
+    assert torch.nn.functional.cosine_similarity(fast, reference, dim=0) > 0.999
+    assert not torch.allclose(fast, base)
+    assert set(q.base_layer.variants) == {BASE_VARIANT, "lora"}
