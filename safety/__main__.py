@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(DEFAULT_EVAL_DATA), help="folder of the public evaluation sets ('' to skip)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--per-subreddit", type=int, help="cap posts per subreddit (quicker, less precise)")
-    sub.add_parser("fit", help="refit the classifier heads on data/examples.yaml")
+    p = sub.add_parser("fit", help="refit the classifier heads (examples.yaml; the post head on the RMHD dev part)")
+    p.add_argument("--data", default=str(DEFAULT_EVAL_DATA), help="folder of the public sets, for the post head")
     p = sub.add_parser("hotlines", help="list regions; flag entries not verified recently")
     p.add_argument("--stale-days", type=int, default=365)
     args = parser.parse_args(argv)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fit":
         from .fit import fit
 
-        print(json.dumps(fit(), indent=2))
+        print(json.dumps(fit(data_root=Path(args.data)), indent=2))
         return 0
     from .hotlines import directory
 

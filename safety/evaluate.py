@@ -3,7 +3,8 @@
     python -m safety evaluate [--data ../shared/data/eval] [--json out.json] [--per-subreddit N]
 
 Sets: the project's own held-out test set (data/testset.yaml), XSTest's safe prompts, the Reddit
-Mental Health Dataset sample (r/SuicideWatch against control and support subreddits, post level)
+Mental Health Dataset sample's test part (r/SuicideWatch against control and support subreddits,
+post level; safety/reddit.py)
 and the C-SSRS Reddit set (recall by severity, user level). Only aggregate figures are printed.
 """
 
@@ -21,11 +22,9 @@ from pathlib import Path
 import yaml
 
 from .guard import ConversationState, Guard
+from .reddit import CRISIS_SUBREDDIT, group_of, posts
 
 TESTSET = Path(__file__).parent / "data" / "testset.yaml"
-CONTROL_SUBREDDITS = {"conspiracy", "divorce", "guns", "legaladvice", "mindfulness", "personalfinance",
-                      "teaching", "UKPersonalFinance", "ukpolitics", "unitedkingdom"}
-CRISIS_SUBREDDIT = "suicidewatch"
 
 
 def _rate(flags: list[bool]) -> float:
@@ -77,16 +76,12 @@ def xstest(guard: Guard, root: Path) -> dict:
 
 
 def rmhd(guard: Guard, root: Path, per_subreddit: int | None = None) -> dict:
-    csv.field_size_limit(sys.maxsize)
-    with open(root / "rmhd-27-subreddits" / "rmhd_27subreddits_posts.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    by_sub = defaultdict(list)
-    for r in rows:
-        if per_subreddit is None or len(by_sub[r["subreddit"]]) < per_subreddit:
-            by_sub[r["subreddit"]].append(r["post"])
-    flagged = {sub: _flags(guard, posts) for sub, posts in by_sub.items()}
-    control = [f for s, v in flagged.items() if s in CONTROL_SUBREDDITS for f in v]
-    support = [f for s, v in flagged.items() if s not in CONTROL_SUBREDDITS and s != CRISIS_SUBREDDIT for f in v]
+    """Post-level flags on the test part of the sample (the first 130 posts of each subreddit;
+    the rest is the development part the post head was fitted on)."""
+    by_sub = {sub: texts[:per_subreddit] for sub, texts in posts(root, "test").items()}
+    flagged = {sub: _flags(guard, texts) for sub, texts in by_sub.items()}
+    control = [f for s, v in flagged.items() if group_of(s) == "control" for f in v]
+    support = [f for s, v in flagged.items() if group_of(s) == "support" for f in v]
     return {
         "suicidewatch_recall": _rate(flagged.get(CRISIS_SUBREDDIT, [])),
         "control_flagged": _rate(control),

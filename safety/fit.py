@@ -1,10 +1,18 @@
-"""Fit the classifier heads on data/examples.yaml and choose their thresholds.
+"""Fit the classifier heads and choose their thresholds.
 
-    python -m safety fit
+    python -m safety fit [--data ../shared/data/eval]
 
-The threshold is chosen on out-of-fold predictions (5-fold cross-validation over the examples
-file, the development split): the highest threshold that keeps recall at or above the target.
-The evaluation sets (testset.yaml and the public sets) are never read here.
+- input and output heads: on data/examples.yaml (short messages and replies, in the repo);
+- post head (long texts): on the development part of the RMHD Reddit sample (safety/reddit.py:
+  each subreddit's posts after the first 130), r/SuicideWatch posts against the control
+  subreddits, posts longer than one window only. Support-group posts are left out of the fit:
+  many of them voice the same thoughts as r/SuicideWatch, and teaching the head that they are
+  not risk would cost recall where it matters.
+
+Each threshold is chosen on out-of-fold predictions (5-fold cross-validation over the development
+data), combined with the lexicon's high-severity hits as the guard combines them. The reported
+sets (testset.yaml, XSTest, C-SSRS and the RMHD test part) are never read here. Without the
+Reddit data the post head in heads.json is kept as it is.
 """
 
 from __future__ import annotations
@@ -20,8 +28,9 @@ from .normalize import normalize
 
 # input: recall first (a miss can cost a life); output: no false blocks on the dev split, since
 # replacing a supportive reply with a hotline card teaches people to stop talking.
-TARGET_RECALL = {"input": 0.97, "output": None}
+TARGET_RECALL = {"input": 0.97, "output": None, "post": 0.93}
 C = 16.0
+POST_C = 1.0
 
 
 def _threshold(labels: np.ndarray, probs: np.ndarray, lexicon_hits: np.ndarray, target: float | None) -> float:
@@ -45,7 +54,54 @@ def _threshold(labels: np.ndarray, probs: np.ndarray, lexicon_hits: np.ndarray, 
     return best[0] if best else 0.95
 
 
-def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = DEFAULT_EMBEDDER, seed: int = 0) -> dict:
+def fit_post(data_root: Path, embedder: str, seed: int = 0) -> tuple[dict, dict]:
+    """The post head and its cross-validated report, from the RMHD development part."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    from .classifier import post_features, screen_windows
+    from .reddit import group_of, posts
+
+    encoder = load_embedder(embedder)
+    lexicon = default_lexicon()
+    features, labels, groups, hits = [], [], [], []
+    for sub, texts in posts(data_root, "dev").items():
+        group = group_of(sub)
+        if group == "support":
+            continue
+        for text in texts:
+            parts = screen_windows(text)
+            if len(parts) < 2:  # short posts are screened by the input head
+                continue
+            features.append(post_features(encoder.encode(parts, batch_size=32, normalize_embeddings=True)))
+            labels.append(int(group == "crisis"))
+            groups.append(group)
+            hits.append(any(h.severity == "high" for h in lexicon.match(text, "input")))
+    x, y, hits = np.array(features), np.array(labels), np.array(hits)
+    model = LogisticRegression(C=POST_C, class_weight="balanced", max_iter=3000)
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    oof = cross_val_predict(model, x, y, cv=folds, method="predict_proba")[:, 1]
+    threshold = _recall_threshold(y, oof, hits, TARGET_RECALL["post"])
+    model.fit(x, y)
+    pred = hits | (oof >= threshold)
+    report = {"posts": len(y), "crisis_posts": int(y.sum()), "lexicon_recall": round(float(hits[y == 1].mean()), 4),
+              "cv_recall": round(float(pred[y == 1].mean()), 4),
+              "cv_control_flagged": round(float(pred[y == 0].mean()), 4)}
+    head = {"coef": model.coef_[0].round(6).tolist(), "intercept": float(model.intercept_[0]), "threshold": threshold}
+    return head, report
+
+
+def _recall_threshold(labels: np.ndarray, probs: np.ndarray, hits: np.ndarray, target: float) -> float:
+    """The highest threshold whose combined recall (lexicon OR head) reaches the target."""
+    best = 0.05
+    for t in np.linspace(0.05, 0.95, 181):
+        if (hits | (probs >= t))[labels == 1].mean() >= target:
+            best = float(t)
+    return best
+
+
+def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = DEFAULT_EMBEDDER, seed: int = 0,
+        data_root: Path | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
@@ -71,6 +127,14 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
             "cv_false_positive_rate": round(float(pred[y == 0].mean()), 4),
         }
         heads[stage] = {"coef": clf.coef_[0].round(6).tolist(), "intercept": float(clf.intercept_[0]), "threshold": threshold}
+    from .reddit import RMHD_FILE
+
+    if data_root is not None and (Path(data_root) / RMHD_FILE).is_file():
+        heads["post"], report["post"] = fit_post(Path(data_root), embedder, seed)
+    elif Path(out).is_file() and "post" in json.loads(Path(out).read_text())["heads"]:
+        old = json.loads(Path(out).read_text())
+        heads["post"], report["post"] = old["heads"]["post"], old["cv"].get("post", {})
+        print(f"note: {data_root}/{RMHD_FILE} not found; the post head is kept as it was")
     result = {"embedder": embedder, "examples_sha256": examples_digest(examples), "heads": heads, "cv": report}
     Path(out).write_text(json.dumps(result) + "\n")
     return {"thresholds": {s: round(h["threshold"], 4) for s, h in heads.items()}, "cv": report}

@@ -108,9 +108,9 @@ class Guard:
     def _input(self, text: str, at_risk: bool) -> Verdict:
         found = self.lexicon.match(text, "input", negated=True)
         hits = [h for h in found if not h.negated]
-        score = self.classifier.score(text, "input")
-        threshold = self.classifier.threshold("input")
-        if not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))):
+        score, head = self.classifier.scores(text)  # head: 'input' (a message) or 'post' (a long text)
+        threshold = self.classifier.threshold(head)
+        if head == "input" and not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))):
             # "I would never hurt myself", "what are the warning signs of suicide?": the words
             # alone are not risk, so the classifier must be much surer
             threshold = max(threshold, self.config.cautious_threshold)
