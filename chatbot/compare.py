@@ -76,9 +76,12 @@ def stream_pair(engine, messages: list[dict], gen: GenerationConfig | None, stop
     kwargs = engine._generate_kwargs(ids, gen, stop)
     kwargs["input_ids"] = kwargs["input_ids"].repeat(2, 1)
     kwargs["attention_mask"] = kwargs["attention_mask"].repeat(2, 1)
-    kwargs["adapter_names"] = names
-    # adapter=None: no set_adapter/disable_adapter around the call; adapter_names picks per row
-    thread, errors = engine.start_generate(kwargs, streamer, gen, stop, adapter=None)
+    # int8 on CPU: each row runs its own merged int8 weights in one forward pass; otherwise PEFT
+    # picks the adapter per row (adapter_names) on the shared base weights
+    context = engine.pair_context(tuple(adapters))
+    if context is None:
+        kwargs["adapter_names"] = names
+    thread, errors = engine.start_generate(kwargs, streamer, gen, stop, adapter=None, context=context)
     filters = [ThinkFilter(), ThinkFilter()]
     try:
         while (item := out.get()) is not _DONE:

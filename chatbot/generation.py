@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 
 from .config import GenerationConfig
-from .int8 import BASE_VARIANT, Int8Linear, add_variants, select_variant
+from .int8 import BASE_VARIANT, Int8Linear, add_variants, select_pair, select_variant, variant_ready
 from .prompts import fit_to_context
 
 BASE = "base"  # adapter name that means: the base model, adapter disabled
@@ -127,6 +127,25 @@ class ChatEngine:
             return self._merged_variant()
         return contextlib.nullcontext()
 
+    def pair_context(self, adapters: tuple[str, str]):
+        """A context that runs a two-row batch as adapters[0] and adapters[1] from merged int8
+        copies, or None where that is not possible (PEFT's per-row adapter_names then)."""
+        names = tuple(BASE_VARIANT if a == BASE else a for a in adapters)
+        if not hasattr(self.model, "peft_config") or not all(variant_ready(self.model, n) for n in names):
+            return None
+
+        @contextlib.contextmanager
+        def run():
+            if not select_pair(self.model, names):
+                raise RuntimeError(f"Adapters {adapters} are no longer loaded.")
+            try:
+                with self.model.disable_adapter():
+                    yield
+            finally:
+                select_pair(self.model, None)
+
+        return run()
+
     @contextlib.contextmanager
     def _merged_variant(self):
         """Adapter layers off while int8 layers run their merged copies; base weights back after."""
@@ -158,21 +177,27 @@ class ChatEngine:
         return kwargs
 
     def start_generate(self, kwargs: dict, streamer, gen: GenerationConfig, stop: threading.Event,
-                       adapter: str | None = None) -> tuple[threading.Thread, list[BaseException]]:
-        """Run `generate` in a thread under the lock; errors are collected for the consumer to raise."""
+                       adapter: str | None = None, context=None) -> tuple[threading.Thread, list[BaseException]]:
+        """Run `generate` in a thread under the lock; errors are collected for the consumer to raise.
+
+        `context` (entered under the lock) replaces the adapter selection, e.g. pair_context.
+        """
         import torch
 
         errors: list[BaseException] = []
 
         def run():
             try:
-                # batched mixed adapters (adapter_names): PEFT's layers pick per row, on the base weights
-                per_row = "adapter_names" in kwargs
-                with self.lock, torch.inference_mode(), (contextlib.nullcontext() if per_row else self.use_adapter(adapter)):
-                    if gen.seed is not None:
-                        torch.manual_seed(gen.seed)
-                    if not stop.is_set():
-                        self.model.generate(**kwargs, streamer=streamer)
+                with self.lock:  # adapter selection changes the shared model: only under the lock
+                    ctx = context
+                    if ctx is None:  # batched mixed adapters (adapter_names): PEFT picks per row
+                        per_row = "adapter_names" in kwargs
+                        ctx = contextlib.nullcontext() if per_row else self.use_adapter(adapter)
+                    with torch.inference_mode(), ctx:
+                        if gen.seed is not None:
+                            torch.manual_seed(gen.seed)
+                        if not stop.is_set():
+                            self.model.generate(**kwargs, streamer=streamer)
             except BaseException as exc:  # surfaced to the consumer
                 errors.append(exc)
             finally:

@@ -15,8 +15,8 @@ speed in Python overhead. So each LoRA-wrapped layer also keeps an int8 copy of 
 each adapter merged in (a "variant"); `select_variant(model, name)` points the layers at those
 copies, and with PEFT's adapter layers disabled a fine-tuned reply decodes as fast as a merged
 model. Each adapter's variants cost the int8 size of the layers it targets (about 106 MB for all
-seven projections of SmolLM2-135M). The LoRA layers stay for batched mixed-adapter generation
-(the compare view), which runs on the base weights.
+seven projections of SmolLM2-135M). The compare view batches two rows, each with its own variant
+(`select_pair`); PEFT's layers remain for adapters that cannot be merged (DoRA).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Int8Linear(nn.Linear):
         self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.variants: dict[str, tuple[torch.Tensor, torch.Tensor]] = {BASE_VARIANT: (weight, scales)}
+        self.pair: tuple[str, str] | None = None  # set by select_pair for a two-row compare batch
 
     def dequantized(self) -> torch.Tensor:
         weight, scales = self.variants[BASE_VARIANT]
@@ -61,11 +62,18 @@ class Int8Linear(nn.Linear):
         return name in self.variants
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pair is not None and x.shape[0] == 2:  # compare: row 0 and row 1, each its own weights
+            rows = [self._matmul(x[i : i + 1], *self.variants.get(n, self.variants[BASE_VARIANT]))
+                    for i, n in enumerate(self.pair)]
+            return torch.cat(rows)
+        return self._matmul(x, self.weight, self.scales)
+
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] < PREFILL_ROWS:  # decoding: the int8 kernel reads a quarter of the bytes
-            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), weight, scales).to(x.dtype)
         else:  # a prompt: the kernel is compute-bound on AVX2, a float32 GEMM is faster
-            y = flat @ (self.weight.to(x.dtype) * self.scales.to(x.dtype)[:, None]).t()
+            y = flat @ (weight.to(x.dtype) * scales.to(x.dtype)[:, None]).t()
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -120,6 +128,18 @@ def add_variants(model: nn.Module, names: list[str] | None = None) -> list[str]:
     return done
 
 
+def _int8_lora_layers(model: nn.Module) -> list:
+    return [layer for layer in _lora_layers(model) if isinstance(layer.get_base_layer(), Int8Linear)]
+
+
+def variant_ready(model: nn.Module, name: str) -> bool:
+    """True if the model can run as `name` from merged int8 copies (always, for the base)."""
+    layers = [layer for layer in _int8_lora_layers(model) if name in layer.lora_A]
+    if name == BASE_VARIANT:
+        return bool(_int8_lora_layers(model))
+    return bool(layers) and all(name in layer.get_base_layer().variants for layer in layers)
+
+
 def select_variant(model: nn.Module, name: str) -> bool:
     """Point every int8 LoRA base layer at adapter `name`'s merged weights (BASE_VARIANT: the base).
 
@@ -127,15 +147,24 @@ def select_variant(model: nn.Module, name: str) -> bool:
     layer the adapter targets has no merged copy (the caller keeps PEFT's adapter layers); the
     base weights are selected then.
     """
-    layers = [layer for layer in _lora_layers(model) if isinstance(layer.get_base_layer(), Int8Linear)]
-    if not layers:
-        return False
-    ready = name == BASE_VARIANT or all(
-        name in layer.get_base_layer().variants for layer in layers if name in layer.lora_A)
-    ready = ready and (name == BASE_VARIANT or any(name in layer.lora_A for layer in layers))
-    for layer in layers:
+    ready = variant_ready(model, name)
+    for layer in _int8_lora_layers(model):
         layer.get_base_layer().select(name if ready else BASE_VARIANT)
     return ready
+
+
+def select_pair(model: nn.Module, pair: tuple[str, str] | None) -> bool:
+    """Run a batch of two rows as two variants (row 0 as pair[0], row 1 as pair[1]); None ends it.
+
+    One forward pass then serves both answers of the compare view: the per-layer Python overhead,
+    half of a token's time on a CPU, is paid once, and each row reads its own merged weights.
+    False (nothing changed) unless both variants are ready.
+    """
+    if pair is not None and not all(variant_ready(model, name) for name in pair):
+        return False
+    for layer in _int8_lora_layers(model):
+        layer.get_base_layer().pair = pair
+    return True
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

@@ -52,11 +52,12 @@ def service(untied_dir, adapters_dir, guard):
     return ChatService(ChatEngine(model, tok), guard, GREEDY)
 
 
-def reference(untied_dir, adapter, message=MESSAGE):
+def reference(untied_dir, adapter, message=MESSAGE, quantize="auto"):
     """What a model loaded on its own answers, through the same service."""
     from safety import Guard
 
-    model, tok = load_model(ModelConfig(model=str(untied_dir), adapter=str(adapter) if adapter else None))
+    model, tok = load_model(ModelConfig(model=str(untied_dir), adapter=str(adapter) if adapter else None,
+                                        quantize=quantize))
     return ChatService(ChatEngine(model, tok), Guard(), GREEDY).reply(message)
 
 
@@ -70,6 +71,23 @@ def test_compare_gives_base_and_adapter_answers(service, untied_dir, adapters_di
     assert base != tuned  # the adapter really changes the reply
     assert [final["base"], final["finetuned"]] == [base, tuned]
     assert len(states) > 3  # streamed, not delivered in one piece
+
+
+def test_compare_paths_int8_pair_and_float32_peft_rows(untied_dir, adapters_dir, guard):
+    """CPU default (int8): both rows in one pass, each on its own merged weights. float32: PEFT's
+    per-row adapter_names. Either way each answer is what that model alone would say."""
+    from chatbot.compare import compare
+
+    for quantize in ("auto", "none"):
+        model, tok = load_model(ModelConfig(model=str(untied_dir), adapter=str(adapters_dir / "calm"), quantize=quantize))
+        engine = ChatEngine(model, tok)
+        assert (engine.pair_context(("base", "calm")) is not None) == (quantize == "auto")
+        final = list(compare(ChatService(engine, guard, GREEDY), MESSAGE))[-1]
+        expected = [reference(untied_dir, None, quantize=quantize), reference(untied_dir, adapters_dir / "calm", quantize=quantize)]
+        assert [final["base"], final["finetuned"]] == expected
+        if quantize == "auto":  # back to single-model state afterwards
+            q = model.get_base_model().model.layers[0].self_attn.q_proj
+            assert q.base_layer.pair is None and not q.disable_adapters
 
 
 def test_compare_screens_input_once_and_routes_crisis(service, guard):
