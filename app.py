@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapter", default=_env("ADAPTER", default_adapter),
                    help="LoRA adapter folder or Hub id, or 'none' (env CHATBOT_ADAPTER)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=_env("QUANTIZE", "auto"),
-                   help="auto: 4-bit NF4 on CUDA, full precision on CPU (env CHATBOT_QUANTIZE)")
+                   help="auto: 4-bit NF4 on CUDA, int8 weight-only on CPU; none: full precision (env CHATBOT_QUANTIZE)")
     p.add_argument("--merge", action="store_true", default=_env("MERGE", "0") in ("1", "true", "yes"),
                    help="merge the adapter into the weights: fastest, but no base-model comparison (env CHATBOT_MERGE)")
     p.add_argument("--region", default=_env("REGION", "INTL"),
