@@ -315,11 +315,14 @@ def build_demo(service, regions: list[tuple[str, str]], default_region: str = "I
 
 
 def about_text(service) -> str:
+    from chatbot.loading import weights_format
+
     model = service.engine.model
     adapters = [a for a in service.engine.adapters if a != "base"]
     return "\n".join([
         "## About",
-        f"- Model: `{getattr(model.config, 'name_or_path', '?')}`; adapter: {', '.join(adapters) or 'none'}.",
+        f"- Model: `{getattr(model.config, 'name_or_path', '?')}`; adapter: {', '.join(adapters) or 'none'}; "
+        f"weights: {weights_format(model)}.",
         "- Every message is screened before it reaches the model, and every reply is screened sentence "
         "by sentence before you see it. If something suggests you may be at risk, you get crisis resources.",
         "- Conversations are not written to disk or logs.",

@@ -85,6 +85,16 @@ class Int8Linear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
+def int8_supported() -> bool:
+    """Whether this torch build runs the int8 kernel on this CPU (checked once per load)."""
+    try:
+        x = torch.ones(1, 64, dtype=torch.bfloat16)
+        w = torch.ones(8, 64, dtype=torch.int8)
+        return bool(torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(8, dtype=torch.bfloat16))[0, 0] == 64)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
 def _skip(name: str) -> bool:
     """LoRA's own small matrices stay float32: they are what an adapter swap changes."""
     return ".lora_" in name or name.split(".")[-1].startswith("lora_")

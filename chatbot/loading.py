@@ -275,6 +275,19 @@ def attach_adapter(model, adapter: str, name: str | None = None):
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name, is_trainable=False)
 
 
+def weights_format(model) -> str:
+    """What the weights are, in words (for the About view)."""
+    from .int8 import Int8Linear
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        return "4-bit NF4 (bitsandbytes)"
+    if getattr(model, "is_loaded_in_8bit", False):
+        return "8-bit (bitsandbytes)"
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        return "int8 weight-only (CPU)"
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
 def load_model(cfg: ModelConfig):
     """Base model plus the configured adapter (hot-swappable, or merged with cfg.merge)."""
     model, tokenizer = load_base(cfg)
@@ -286,7 +299,10 @@ def load_model(cfg: ModelConfig):
             model = model.merge_and_unload()
         model.eval()
     if resolve_quantize(cfg.quantize, pick_device(cfg.device)) == "int8":
-        from .int8 import quantize_int8
+        from . import int8
 
-        quantize_int8(model)  # after the adapter: LoRA wraps float layers, then their base goes int8
+        if int8.int8_supported():
+            int8.quantize_int8(model)  # after the adapter: LoRA wraps float layers, then their base goes int8
+        else:
+            log.warning("This torch build has no CPU int8 kernel: running in float32 (slower, same replies).")
     return model, tokenizer

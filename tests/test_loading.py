@@ -159,3 +159,16 @@ def test_int8_adapter_runs_as_a_merged_copy(tiny_dir, tokenizer, tmp_path):
     assert torch.nn.functional.cosine_similarity(fast, reference, dim=0) > 0.999
     assert not torch.allclose(fast, base)
     assert set(q.base_layer.variants) == {BASE_VARIANT, "lora"}
+
+
+def test_int8_falls_back_to_float32_without_the_kernel(tiny_dir, monkeypatch, caplog):
+    from chatbot import int8
+
+    from chatbot.loading import weights_format
+
+    assert int8.int8_supported()  # this machine's torch has it
+    assert weights_format(load_model(ModelConfig(model=str(tiny_dir), adapter=None))[0]) == "int8 weight-only (CPU)"
+    monkeypatch.setattr(int8, "int8_supported", lambda: False)
+    model, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=None))
+    assert type(model.lm_head) is torch.nn.Linear and "float32" in caplog.text
+    assert weights_format(model) == "float32"
