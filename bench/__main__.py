@@ -171,7 +171,7 @@ def bench_decoding(tokens: int) -> dict:
     """Plain float32 `generate` against the app's engine on the default format (auto: int8 on CPU)."""
     import torch
 
-    from chatbot.config import GenerationConfig, ModelConfig
+    from chatbot.config import ModelConfig
     from chatbot.generation import ChatEngine
     from chatbot.loading import load_model
     from chatbot.prompts import build_messages

@@ -59,8 +59,6 @@ class RowStreamer:
 def stream_pair(engine, messages: list[dict], gen: GenerationConfig | None, stop: threading.Event | None,
                 adapters: tuple[str, str]) -> Iterator[tuple[int, str]]:
     """Yield (row, text delta) for both adapters as they decode; closing the generator stops both."""
-    import torch
-
     gen = gen or GenerationConfig()
     stop = stop or threading.Event()
     names = [PEFT_BASE if a == BASE else a for a in adapters]

@@ -16,7 +16,6 @@ import threading
 from collections.abc import Iterator
 
 from .config import GenerationConfig
-from .int8 import BASE_VARIANT, Int8Linear, add_variants, select_pair, select_variant, variant_ready
 from .prompts import fit_to_context
 
 BASE = "base"  # adapter name that means: the base model, adapter disabled
@@ -94,6 +93,7 @@ class ChatEngine:
         Raises chatbot.loading.AdapterError for a missing adapter or one made for another base.
         Requests in flight finish first (the generation lock), so no reply mixes two adapters.
         """
+        from . import int8
         from .loading import AdapterError, adapter_name, attach_adapter
 
         if self.merged:
@@ -104,8 +104,8 @@ class ChatEngine:
         with self.lock:
             self.model = attach_adapter(self.model, adapter, name)
             self.model.eval()
-            if any(isinstance(m, Int8Linear) for m in self.model.modules()):
-                add_variants(self.model, [name])  # int8 base layers: a merged copy for fast decoding
+            if any(isinstance(m, int8.Int8Linear) for m in self.model.modules()):
+                int8.add_variants(self.model, [name])  # int8 base layers: a merged copy for fast decoding
         return name
 
     def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
@@ -113,6 +113,8 @@ class ChatEngine:
 
     def use_adapter(self, adapter: str | None):
         """Context that runs the model as `adapter` (BASE: adapter off); hold `self.lock` around it."""
+        from .int8 import select_variant
+
         if not hasattr(self.model, "peft_config"):
             if adapter not in (None, BASE):
                 raise ValueError(f"No adapter {adapter!r} is loaded; the model runs without adapters.")
@@ -130,6 +132,8 @@ class ChatEngine:
     def pair_context(self, adapters: tuple[str, str]):
         """A context that runs a two-row batch as adapters[0] and adapters[1] from merged int8
         copies, or None where that is not possible (PEFT's per-row adapter_names then)."""
+        from .int8 import BASE_VARIANT, select_pair, variant_ready
+
         names = tuple(BASE_VARIANT if a == BASE else a for a in adapters)
         if not hasattr(self.model, "peft_config") or not all(variant_ready(self.model, n) for n in names):
             return None
@@ -149,6 +153,8 @@ class ChatEngine:
     @contextlib.contextmanager
     def _merged_variant(self):
         """Adapter layers off while int8 layers run their merged copies; base weights back after."""
+        from .int8 import BASE_VARIANT, select_variant
+
         try:
             with self.model.disable_adapter():
                 yield
@@ -215,7 +221,6 @@ class ChatEngine:
         adapter: str | None = None,
     ) -> Iterator[str]:
         """Yield the reply as text deltas. Closing the generator or setting `stop` halts decoding."""
-        import torch
         from transformers import TextIteratorStreamer
 
         gen = gen or GenerationConfig()

@@ -28,8 +28,6 @@ from torch import nn
 
 
 PREFILL_ROWS = 32  # from this many rows (prompt tokens x batch) up, de-quantise and use a float GEMM
-
-
 BASE_VARIANT = "base"
 
 
@@ -59,11 +57,9 @@ class Int8Linear(nn.Linear):
         weight, scales = self.variants[BASE_VARIANT]
         return weight.float() * scales.float()[:, None]
 
-    def select(self, name: str) -> bool:
-        """Point this layer at a variant's weights; False (base weights kept) if it has none."""
-        weight, scales = self.variants.get(name, self.variants[BASE_VARIANT])
-        self.weight, self.scales = weight, scales
-        return name in self.variants
+    def select(self, name: str) -> None:
+        """Point this layer at a variant's weights (the base weights if it has none)."""
+        self.weight, self.scales = self.variants.get(name, self.variants[BASE_VARIANT])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pair is not None and x.shape[0] == 2:  # compare: row 0 and row 1, each its own weights
@@ -148,9 +144,9 @@ def _int8_lora_layers(model: nn.Module) -> list:
 
 def variant_ready(model: nn.Module, name: str) -> bool:
     """True if the model can run as `name` from merged int8 copies (always, for the base)."""
-    layers = [layer for layer in _int8_lora_layers(model) if name in layer.lora_A]
-    if name == BASE_VARIANT:
-        return bool(_int8_lora_layers(model))
+    layers = _int8_lora_layers(model)
+    if name != BASE_VARIANT:
+        layers = [layer for layer in layers if name in layer.lora_A]
     return bool(layers) and all(name in layer.get_base_layer().variants for layer in layers)
 
 

@@ -64,7 +64,7 @@ def fit_post(data_root: Path, embedder: str, seed: int = 0) -> tuple[dict, dict]
 
     encoder = load_embedder(embedder)
     lexicon = default_lexicon()
-    features, labels, groups, hits = [], [], [], []
+    features, labels, hits = [], [], []
     for sub, texts in posts(data_root, "dev").items():
         group = group_of(sub)
         if group == "support":
@@ -75,7 +75,6 @@ def fit_post(data_root: Path, embedder: str, seed: int = 0) -> tuple[dict, dict]
                 continue
             features.append(post_features(encoder.encode(parts, batch_size=32, normalize_embeddings=True)))
             labels.append(int(group == "crisis"))
-            groups.append(group)
             hits.append(any(h.severity == "high" for h in lexicon.match(text, "input")))
     x, y, hits = np.array(features), np.array(labels), np.array(hits)
     model = LogisticRegression(C=POST_C, class_weight="balanced", max_iter=3000)
@@ -129,10 +128,10 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
         heads[stage] = {"coef": clf.coef_[0].round(6).tolist(), "intercept": float(clf.intercept_[0]), "threshold": threshold}
     from .reddit import RMHD_FILE
 
+    old = json.loads(Path(out).read_text()) if Path(out).is_file() else {"heads": {}, "cv": {}}
     if data_root is not None and (Path(data_root) / RMHD_FILE).is_file():
         heads["post"], report["post"] = fit_post(Path(data_root), embedder, seed)
-    elif Path(out).is_file() and "post" in json.loads(Path(out).read_text())["heads"]:
-        old = json.loads(Path(out).read_text())
+    elif "post" in old["heads"]:
         heads["post"], report["post"] = old["heads"]["post"], old["cv"].get("post", {})
         print(f"note: {data_root}/{RMHD_FILE} not found; the post head is kept as it was")
     result = {"embedder": embedder, "examples_sha256": examples_digest(examples), "heads": heads, "cv": report}

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from training.__main__ import main as cli
-from training.config import STAGES, DomainConfig, SftConfig, load_config
+from training.config import STAGES, SftConfig, load_config
 from training.data import DataError, Pair, dedup, load_pairs, load_text, split_pairs
 from training.sft import IGNORE, encode_pair
 
