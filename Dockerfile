@@ -24,8 +24,10 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
 
 COPY --chown=1000:1000 . .
 USER 1000
-# Convert the built-in model once at build time: the container then starts in seconds.
-RUN python -c "from chatbot.loading import convert_default_model; convert_default_model()"
+# Convert the built-in model and export the safety embedder to ONNX once at build time:
+# the container then starts in seconds.
+RUN python -c "from chatbot.loading import convert_default_model; convert_default_model()" \
+    && python -c "from safety.classifier import load_embedder; load_embedder()"
 
 EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -45,8 +45,25 @@ def embedder_path(name: str = DEFAULT_EMBEDDER) -> str:
     return name
 
 
-@lru_cache(maxsize=2)
-def load_embedder(name: str = DEFAULT_EMBEDDER):
+def load_embedder(name: str = DEFAULT_EMBEDDER, backend: str | None = None):
+    """An object with sentence-transformers' `encode`: on ONNX Runtime where it can be ('auto',
+    the default; SAFETY_EMBEDDER_BACKEND=torch opts out), else the SentenceTransformer itself."""
+    backend = backend or os.environ.get("SAFETY_EMBEDDER_BACKEND", "auto")
+    if backend not in ("auto", "onnx", "torch"):
+        raise ValueError(f"SAFETY_EMBEDDER_BACKEND must be auto, onnx or torch, not {backend!r}")
+    return _load_embedder(name, backend)
+
+
+@lru_cache(maxsize=4)
+def _load_embedder(name: str, backend: str):
+    if backend != "torch":
+        from . import onnx_embedder
+
+        fast = onnx_embedder.load(embedder_path(name), lambda: _load_embedder(name, "torch"))
+        if fast is not None:
+            return fast
+        if backend == "onnx":
+            raise RuntimeError("the ONNX embedder could not be loaded (is onnxruntime installed?)")
     from sentence_transformers import SentenceTransformer
 
     path = embedder_path(name)
@@ -123,10 +140,14 @@ class EmbeddingClassifier:
         return self.heads[stage][2]
 
     def embed(self, texts: list[str]) -> np.ndarray:
+        model = self.model
+        if getattr(model, "backend", None) == "onnxruntime":
+            with self._lock:
+                return model.encode(texts, batch_size=32)
         import torch
 
         with self._lock, torch.inference_mode():
-            return self.model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
+            return model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
 
     def score(self, text: str, stage: str = "input") -> float:
         return self.score_many([text], stage)[0]

@@ -294,3 +294,56 @@ def test_concurrent_checks_are_consistent(guard):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert results == [True, False] * 8
+
+
+def _embedder_texts() -> list[str]:
+    short = [t for ts in (*CRISIS.values(), *SAFE.values()) for t in ts]
+    return short + ["word " * 400, "Ünïcödé ½ text with a zero\u200bwidth space 😀", "I want to die. " * 30]
+
+
+def test_onnx_embedder_matches_sentence_transformers(tmp_path, monkeypatch):
+    """The fast path must give the vectors the heads were fitted on: any drift changes verdicts."""
+    from safety import onnx_embedder
+    from safety.classifier import _load_embedder, embedder_path
+
+    monkeypatch.setenv("CHATBOT_CACHE_DIR", str(tmp_path))
+    reference = _load_embedder("all-MiniLM-L6-v2", "torch")
+    fast = onnx_embedder.load(embedder_path(), lambda: reference)
+    assert isinstance(fast, onnx_embedder.OnnxEmbedder)
+    assert (tmp_path / "embedder-onnx").is_dir()  # exported once into the cache
+    texts = _embedder_texts()
+    expected = reference.encode(texts, normalize_embeddings=True)
+    assert abs(fast.encode(texts) - expected).max() < 1e-5
+    # a later start loads the export without sentence-transformers
+    again = onnx_embedder.load(embedder_path(), lambda: pytest.fail("re-exported an existing export"))
+    assert abs(again.encode(texts[:3]) - expected[:3]).max() < 1e-5
+
+
+def test_damaged_onnx_cache_is_exported_again(tmp_path, monkeypatch):
+    from safety import onnx_embedder
+    from safety.classifier import _load_embedder, embedder_path
+
+    monkeypatch.setenv("CHATBOT_CACHE_DIR", str(tmp_path))
+    reference = _load_embedder("all-MiniLM-L6-v2", "torch")
+    onnx_embedder.load(embedder_path(), lambda: reference)
+    graph = next((tmp_path / "embedder-onnx").glob("*/model.onnx"))
+    graph.write_bytes(graph.read_bytes()[:1000])  # a half-written file
+    fast = onnx_embedder.load(embedder_path(), lambda: reference)
+    assert abs(fast.encode(["hello"]) - reference.encode(["hello"], normalize_embeddings=True)).max() < 1e-5
+
+
+def test_without_onnxruntime_the_classifier_uses_sentence_transformers(monkeypatch):
+    from safety import onnx_embedder
+    from safety.classifier import EmbeddingClassifier, _load_embedder
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails
+    assert onnx_embedder.load("any", lambda: pytest.fail("tried to export")) is None
+    _load_embedder.cache_clear()
+    try:
+        classifier = EmbeddingClassifier()
+        assert type(classifier.model).__name__ == "SentenceTransformer"
+        guard = Guard(classifier=classifier)
+        assert guard.check_input("I want to kill myself").crisis
+        assert not guard.check_input("I love my dog").crisis
+    finally:
+        _load_embedder.cache_clear()
