@@ -15,8 +15,10 @@ speed in Python overhead. So each LoRA-wrapped layer also keeps an int8 copy of 
 each adapter merged in (a "variant"); `select_variant(model, name)` points the layers at those
 copies, and with PEFT's adapter layers disabled a fine-tuned reply decodes as fast as a merged
 model. Each adapter's variants cost the int8 size of the layers it targets (about 106 MB for all
-seven projections of SmolLM2-135M). The compare view batches two rows, each with its own variant
-(`select_pair`); PEFT's layers remain for adapters that cannot be merged (DoRA).
+seven projections of SmolLM2-135M). The compare view batches two rows (`select_pair`): both read
+the base weights once, and each row adds its own adapter's low-rank product, as PEFT does for a
+mixed batch but without PEFT's per-layer overhead. PEFT's layers remain for adapters that cannot
+be merged (DoRA).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Int8Linear(nn.Linear):
         self.register_buffer("scales", scales)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.variants: dict[str, tuple[torch.Tensor, torch.Tensor]] = {BASE_VARIANT: (weight, scales)}
+        self.loras: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name: (A^T, (B * scaling)^T), for pairs
         self.pair: tuple[str, str] | None = None  # set by select_pair for a two-row compare batch
 
     def dequantized(self) -> torch.Tensor:
@@ -62,10 +65,15 @@ class Int8Linear(nn.Linear):
         self.weight, self.scales = self.variants.get(name, self.variants[BASE_VARIANT])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pair is not None and x.shape[0] == 2:  # compare: row 0 and row 1, each its own weights
-            rows = [self._matmul(x[i : i + 1], *self.variants.get(n, self.variants[BASE_VARIANT]))
-                    for i, n in enumerate(self.pair)]
-            return torch.cat(rows)
+        if self.pair is not None and x.shape[0] == 2:
+            # compare: both rows share one read of the base weights; each row adds its own
+            # adapter's low-rank product, as PEFT's mixed batches do
+            y = self._matmul(x, *self.variants[BASE_VARIANT])
+            for row, name in enumerate(self.pair):
+                if name in self.loras:
+                    a_t, b_t = self.loras[name]
+                    y[row].addmm_(x[row] @ a_t, b_t)
+            return y
         return self._matmul(x, self.weight, self.scales)
 
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -130,10 +138,13 @@ def add_variants(model: nn.Module, names: list[str] | None = None) -> list[str]:
                 delta = layer.get_delta_weight(name).float()
                 weight = base.dequantized() if isinstance(base, Int8Linear) else base.weight.float()
                 merged = quantize_weight(weight + delta)
+            lora = (layer.lora_A[name].weight.detach().t().contiguous(),
+                    (layer.lora_B[name].weight.detach() * layer.scaling[name]).t().contiguous())
             if isinstance(base, Int8Linear):
-                base.variants[name] = merged
+                base.variants[name], base.loras[name] = merged, lora
             else:
                 base._pending_variants = {**getattr(base, "_pending_variants", {}), name: merged}
+                base._pending_loras = {**getattr(base, "_pending_loras", {}), name: lora}
         done.append(name)
     return done
 
@@ -164,11 +175,13 @@ def select_variant(model: nn.Module, name: str) -> bool:
 
 
 def select_pair(model: nn.Module, pair: tuple[str, str] | None) -> bool:
-    """Run a batch of two rows as two variants (row 0 as pair[0], row 1 as pair[1]); None ends it.
+    """Run a batch of two rows as two models (row 0 as pair[0], row 1 as pair[1]); None ends it.
 
-    One forward pass then serves both answers of the compare view: the per-layer Python overhead,
-    half of a token's time on a CPU, is paid once, and each row reads its own merged weights.
-    False (nothing changed) unless both variants are ready.
+    One forward pass serves both answers of the compare view: the per-layer Python overhead and
+    the read of the int8 base weights are paid once, and each row adds its adapter's float LoRA
+    product (nothing for BASE_VARIANT). That is the adapter on the int8 base, as PEFT computes it;
+    the chat view's merged copy rounds base and adapter together, so the two differ by int8
+    rounding (greedy replies can part after some tokens). False (nothing changed) unless both are ready.
     """
     if pair is not None and not all(variant_ready(model, name) for name in pair):
         return False
@@ -193,6 +206,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = Int8Linear(module)
         layer.variants.update(getattr(module, "_pending_variants", {}))
+        layer.loras.update(getattr(module, "_pending_loras", {}))
         setattr(parent, child, layer)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "tie_word_embeddings", False):

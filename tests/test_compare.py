@@ -74,8 +74,10 @@ def test_compare_gives_base_and_adapter_answers(service, untied_dir, adapters_di
 
 
 def test_compare_paths_int8_pair_and_float32_peft_rows(untied_dir, adapters_dir, guard):
-    """CPU default (int8): both rows in one pass, each on its own merged weights. float32: PEFT's
-    per-row adapter_names. Either way each answer is what that model alone would say."""
+    """CPU default (int8): both rows in one pass on the shared int8 base, each adding its own LoRA
+    product. float32: PEFT's per-row adapter_names. On this tiny model either way each answer is
+    what that model alone says (on the real model int8 rounding can part greedy replies late;
+    test_loading checks the pair's logits against PEFT's own layers)."""
     from chatbot.compare import compare
 
     for quantize in ("auto", "none"):

@@ -161,6 +161,29 @@ def test_int8_adapter_runs_as_a_merged_copy(tiny_dir, tokenizer, tmp_path):
     assert set(q.base_layer.variants) == {BASE_VARIANT, "lora"}
 
 
+@pytest.mark.parametrize("length", [1, 40])  # a decoding step, and a prompt (PREFILL_ROWS)
+def test_int8_pair_rows_are_base_and_adapter_on_the_int8_base(tiny_dir, tokenizer, tmp_path, length):
+    """Compare's two-row batch: row 0 is exactly the base; row 1 is the base plus the adapter's LoRA
+    product, as PEFT's own layers compute it on the same int8 base (the merged copy is not used)."""
+    from chatbot.generation import BASE, ChatEngine
+    from chatbot.int8 import _int8_lora_layers
+
+    adapter = _save_adapter(tmp_path / "lora", vocab=len(tokenizer))
+    model, tok = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter)))
+    engine = ChatEngine(model, tok)
+    ids = torch.randint(3, len(tokenizer), (1, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), engine.pair_context((BASE, "lora")):
+        pair = model(ids.repeat(2, 1)).logits[:, -1]
+    with engine.use_adapter(BASE):
+        base = _logits(model, ids)
+    merged = {layer: layer.get_base_layer().variants.pop("lora") for layer in _int8_lora_layers(model)}
+    with engine.use_adapter("lora"):  # no merged copy: PEFT's LoRA layers on the int8 base
+        peft = _logits(model, ids)
+    assert torch.equal(pair[0], base)
+    assert torch.allclose(pair[1], peft, atol=1e-4) and not torch.allclose(peft, base, atol=1e-2)
+    assert merged and all(layer.get_base_layer().pair is None for layer in merged)
+
+
 def test_int8_falls_back_to_float32_without_the_kernel(tiny_dir, monkeypatch, caplog):
     from chatbot import int8
 
