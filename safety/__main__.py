@@ -2,6 +2,7 @@
 
     python -m safety classify --stage input|output   < lines of {"text": ...}
     python -m safety evaluate [--data ../shared/data/eval] [--json results.json]
+    python -m safety evaluate --dev        # the development set, mistakes listed
     python -m safety fit
     python -m safety hotlines [--stale-days 365]
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(DEFAULT_EVAL_DATA), help="folder of the public evaluation sets ('' to skip)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--per-subreddit", type=int, help="cap posts per subreddit (quicker, less precise)")
+    p.add_argument("--dev", action="store_true", help="the development set instead, with its mistakes listed")
     p = sub.add_parser("fit", help="refit the classifier heads (examples.yaml; the post head on the RMHD dev part)")
     p.add_argument("--data", default=str(DEFAULT_EVAL_DATA), help="folder of the public sets, for the post head")
     p = sub.add_parser("hotlines", help="list regions; flag entries not verified recently")
@@ -61,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "classify":
         return classify(args.stage)
     if args.command == "evaluate":
-        from .evaluate import main as evaluate
+        from .evaluate import dev, main as evaluate
 
-        return evaluate(args.data or None, args.json, args.per_subreddit)
+        return dev() if args.dev else evaluate(args.data or None, args.json, args.per_subreddit)
     if args.command == "fit":
         from .fit import fit
 

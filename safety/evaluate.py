@@ -25,16 +25,19 @@ from .guard import ConversationState, Guard
 from .reddit import CRISIS_SUBREDDIT, group_of, posts
 
 TESTSET = Path(__file__).parent / "data" / "testset.yaml"
+DEVSET = Path(__file__).parent / "data" / "devset.yaml"
 
 
 def _rate(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
-def own_testset(guard: Guard, path: Path = TESTSET) -> dict:
+def own_testset(guard: Guard, path: Path = TESTSET, mistakes: list | None = None) -> dict:
+    """Per-category results on a labelled YAML set; `mistakes` collects wrong texts (dev set only)."""
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     rows, latencies = [], []
-    for stage in ("input", "output"):
+    stages = [s for s in ("input", "output") if s in data]
+    for stage in stages:
         for label, groups in data[stage].items():
             positive = label in ("crisis", "unsafe")
             for category, texts in groups.items():
@@ -44,10 +47,12 @@ def own_testset(guard: Guard, path: Path = TESTSET) -> dict:
                     verdict = guard.check_input(text, ConversationState()) if stage == "input" else guard.check_output(text)
                     latencies.append((stage, time.perf_counter() - started))
                     flags.append(verdict.crisis)
+                    if mistakes is not None and verdict.crisis != positive:
+                        mistakes.append((stage, label, category, text, verdict.reasons))
                 rows.append({"stage": stage, "label": label, "category": category, "n": len(flags),
                              "metric": "recall" if positive else "false_positive_rate", "value": _rate(flags)})
     summary = {}
-    for stage in ("input", "output"):
+    for stage in stages:
         pos = [r for r in rows if r["stage"] == stage and r["metric"] == "recall"]
         neg = [r for r in rows if r["stage"] == stage and r["metric"] != "recall"]
         summary[stage] = {
@@ -104,6 +109,19 @@ def cssrs(guard: Guard, root: Path) -> dict:
         by_label[r["Label"]].append(any(_flags(guard, posts)))
     return {"flagged_by_label": {k: _rate(v) for k, v in by_label.items()},
             "n_users": {k: len(v) for k, v in by_label.items()}}
+
+
+def dev(guard: Guard | None = None) -> int:
+    """The development set's table and every mistake on it (never done for the test set)."""
+    guard = guard or Guard()
+    guard.warm_up()
+    mistakes: list = []
+    result = {"own_testset": own_testset(guard, DEVSET, mistakes)}
+    print(report(result).replace("Own held-out test set", "Development set (data/devset.yaml)"))
+    print("\nMistakes:")
+    for stage, label, category, text, reasons in mistakes:
+        print(f"- [{stage}/{label}/{category}] {text!r} {reasons}")
+    return 0
 
 
 def run(data_root: Path | None, per_subreddit: int | None = None, guard: Guard | None = None) -> dict:

@@ -110,9 +110,11 @@ class Guard:
         hits = [h for h in found if not h.negated]
         score, head = self.classifier.scores(text)  # head: 'input' (a message) or 'post' (a long text)
         threshold = self.classifier.threshold(head)
-        if head == "input" and not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))):
-            # "I would never hurt myself", "what are the warning signs of suicide?": the words
-            # alone are not risk, so the classifier must be much surer
+        if head == "input" and not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))
+                                             or self.lexicon.softened(text)):
+            # "I would never hurt myself", "what are the warning signs of suicide?", "I'm so bored
+            # I could die", "I used to cut but I've been clean for years": the words alone are not
+            # risk, so the classifier must be much surer
             threshold = max(threshold, self.config.cautious_threshold)
         if at_risk:
             threshold *= self.config.at_risk_factor

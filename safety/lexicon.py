@@ -45,6 +45,7 @@ class Lexicon:
         self.negators = re.compile(data["negators"])
         self.negation_words = int(data.get("negation_words", 4))
         self.recovery = re.compile(data.get("recovery", r"(?!)"))
+        self.relapse = re.compile(data.get("relapse", r"(?!)"))
         self.not_negations = re.compile(data.get("not_negations", r"(?!)"))
         self.idioms = [re.compile(p) for p in data.get("idioms", [])]
         self.entries: dict[str, list[Entry]] = {}
@@ -71,6 +72,16 @@ class Lexicon:
         span = text[lo : end + 40]
         return any(m.start() + lo < end and m.end() + lo > start for p in self.idioms for m in p.finditer(span))
 
+    def softened(self, text: str) -> bool:
+        """A figure of speech or a recovery statement in the text ("so bored I could die", "clean
+        for three years"): the guard then asks the classifier to be much surer."""
+        return any(p.search(form) for p in self.idioms for form in variants(text)) or any(
+            self._recovered(form) for form in variants(text))
+
+    def _recovered(self, text: str) -> bool:
+        """A recovery statement, and no word of relapse anywhere in the text."""
+        return bool(self.recovery.search(text)) and not self.relapse.search(text)
+
     def match(self, text: str, stage: str = "input", negated: bool = False) -> list[Hit]:
         """Hits in text; with negated=True, negated hits (flagged) are returned too."""
         hits: dict[str, Hit] = {}
@@ -82,7 +93,7 @@ class Lexicon:
                 for m in entry.pattern.finditer(form):
                     if self._idiom(form, m.start(), m.end()):
                         continue
-                    negated = entry.negatable and (self._negated(form, m.start()) or bool(self.recovery.search(form)))
+                    negated = entry.negatable and (self._negated(form, m.start()) or self._recovered(form))
                     if negated and entry.id not in negated_hits:
                         negated_hits[entry.id] = Hit(entry.id, entry.category, entry.severity, m.group(0), True)
                         continue
