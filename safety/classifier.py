@@ -150,16 +150,10 @@ class EmbeddingClassifier:
             return model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
 
     def score(self, text: str, stage: str = "input") -> float:
-        return self.score_many([text], stage)[0]
-
-    def score_many(self, texts: list[str], stage: str = "input") -> list[float]:
         """The highest window's score under the stage's head (short-message view)."""
         coef, intercept, _ = self.heads[stage]
-        out = []
-        for text in texts:
-            emb = self.window_embeddings(text)
-            out.append(float(_sigmoid(emb @ coef + intercept).max()) if len(emb) else 0.0)
-        return out
+        emb = self.window_embeddings(text)
+        return float(_sigmoid(emb @ coef + intercept).max()) if len(emb) else 0.0
 
     def window_embeddings(self, text: str) -> np.ndarray:
         parts = screen_windows(text)

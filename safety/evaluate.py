@@ -117,7 +117,7 @@ def dev(guard: Guard | None = None) -> int:
     guard.warm_up()
     mistakes: list = []
     result = {"own_testset": own_testset(guard, DEVSET, mistakes)}
-    print(report(result).replace("Own held-out test set", "Development set (data/devset.yaml)"))
+    print(report(result, title="Development set (data/devset.yaml)"))
     print("\nMistakes:")
     for stage, label, category, text, reasons in mistakes:
         print(f"- [{stage}/{label}/{category}] {text!r} {reasons}")
@@ -136,8 +136,8 @@ def run(data_root: Path | None, per_subreddit: int | None = None, guard: Guard |
     return result
 
 
-def report(result: dict) -> str:
-    lines = ["Own held-out test set", "| stage | label | category | n | metric | value |", "|---|---|---|---|---|---|"]
+def report(result: dict, title: str = "Own held-out test set") -> str:
+    lines = [title, "| stage | label | category | n | metric | value |", "|---|---|---|---|---|---|"]
     for r in result["own_testset"]["categories"]:
         lines.append(f"| {r['stage']} | {r['label']} | {r['category']} | {r['n']} | {r['metric']} | {r['value']:.3f} |")
     for stage, s in result["own_testset"]["summary"].items():

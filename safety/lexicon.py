@@ -75,8 +75,8 @@ class Lexicon:
     def softened(self, text: str) -> bool:
         """A figure of speech or a recovery statement in the text ("so bored I could die", "clean
         for three years"): the guard then asks the classifier to be much surer."""
-        return any(p.search(form) for p in self.idioms for form in variants(text)) or any(
-            self._recovered(form) for form in variants(text))
+        forms = variants(text)
+        return any(self._recovered(form) or any(p.search(form) for p in self.idioms) for form in forms)
 
     def _recovered(self, text: str) -> bool:
         """A recovery statement, and no word of relapse anywhere in the text."""

@@ -49,7 +49,7 @@ def exportable(st_model) -> bool:
     names = [type(module).__name__ for module in st_model]
     if names[:2] != ["Transformer", "Pooling"] or names[2:] not in ([], ["Normalize"]):
         return False
-    return getattr(st_model[1], "pooling_mode", None) in ("mean", ["mean"], ("mean",))
+    return getattr(st_model[1], "pooling_mode", None) == "mean"
 
 
 def export(st_model, folder: Path) -> Path:
