@@ -4,11 +4,12 @@
 
 - first start: GGUF -> safetensors conversion into an empty cache, then load;
 - later start: load from the converted cache;
-- decoding: the app's streaming engine on the default CPU format (int8 weight-only) against plain
-  `model.generate` (float32, greedy, same prompt and token count) in the same process, and the
-  bandwidth ceiling of each format: bytes of weights read per token over a large array copy's speed;
-- compare: base and fine-tuned answers from one batched `generate` (PEFT adapter_names) against
-  two answers one after the other (disable_adapter, then the adapter), same token counts;
+- decoding: the app's streaming engine on the default CPU format (int8 weight-only, the lean loop
+  of chatbot/decoder.py) against plain `model.generate` (float32, greedy, same prompt and token
+  count) in the same process, the same engine through `generate`, and the bandwidth ceiling of
+  each format: bytes of weights read per token over a large array copy's speed;
+- compare: base and fine-tuned answers from one two-row batch against two answers one after the
+  other and against one fine-tuned answer, same token counts;
 - safety: p50/p95 latency of input and output checks.
 """
 
@@ -207,12 +208,16 @@ def bench_decoding(tokens: int) -> dict:
         fp32.generate(input_ids, attention_mask=torch.ones_like(input_ids), **common)
         baseline = time.perf_counter() - t
     speed, first = _engine_speed(engine, messages, tokens)
+    os.environ["CHATBOT_DECODER"] = "transformers"  # the same engine and weights through `generate`
+    via_generate, _ = _engine_speed(engine, messages, tokens)
+    os.environ.pop("CHATBOT_DECODER")
     short = [{"role": "user", "content": text}]  # no system prompt: about 50 tokens
     _, first_short = _engine_speed(engine, short, 8)
     bandwidth = memory_bandwidth_gbs()
     out = {"prompt_tokens": len(ids), "short_prompt_tokens": len(engine.prepare(short)[0]), "new_tokens": tokens,
            "format": "int8 weight-only" if type(model.lm_head).__name__ == "Int8Linear" else str(model.dtype),
            "baseline_generate_tok_s": tokens / baseline, "engine_stream_tok_s": speed,
+           "engine_via_generate_tok_s": via_generate,
            "ratio_vs_baseline": speed * baseline / tokens, "time_to_first_token_s": first,
            "time_to_first_token_short_s": first_short, "bandwidth_gb_s": bandwidth}
     for label, m in (("fp32", fp32), ("engine", model)):
@@ -290,6 +295,7 @@ def main() -> int:
     print(f"| first start (GGUF conversion + load) | {s['first_start_s']:.1f} s | | |")
     print(f"| later start (load from cache) | {s['later_start_s']:.2f} s | first start | {s['first_start_s'] / s['later_start_s']:.0f}x faster |")
     print(f"| decoding, app engine ({d['format']}, stream) | {d['engine_stream_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_generate_tok_s']:.1f} tok/s | {d['ratio_vs_baseline']:.2f}x |")
+    print(f"| decoding, same engine and weights through transformers `generate` (CHATBOT_DECODER=transformers) | {d['engine_via_generate_tok_s']:.1f} tok/s | app engine | {d['engine_stream_tok_s'] / d['engine_via_generate_tok_s']:.2f}x faster with the lean loop |")
     print(f"| decoding ceiling, {d['format']}: {d['engine_mb_per_token']:.0f} MB read per token at {d['bandwidth_gb_s']:.1f} GB/s (array copy) | {d['engine_ceiling_tok_s']:.1f} tok/s | app engine | {d['share_of_ceiling']:.0%} of ceiling |")
     print(f"| decoding ceiling, float32: {d['fp32_mb_per_token']:.0f} MB per token | {d['fp32_ceiling_tok_s']:.1f} tok/s | plain generate | {d['baseline_generate_tok_s'] / d['fp32_ceiling_tok_s']:.0%} of ceiling |")
     print(f"| decoding, shipped adapter hot-swapped | {v['adapter_hot_swapped_tok_s']:.1f} tok/s | plain generate (base) | {v['adapter_hot_swapped_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
@@ -297,7 +303,7 @@ def main() -> int:
     print(f"| time to first token, {d['short_prompt_tokens']}-token prompt | {d['time_to_first_token_short_s']:.2f} s | | |")
     print(f"| time to first token, {d['prompt_tokens']}-token prompt (app's system prompt) | {d['time_to_first_token_s']:.2f} s | | |")
     print(f"| output-check stream wrapper, added to decoding time | {v['stream_wrapper_overhead']:+.1%} | same engine without it | |")
-    print(f"| compare: two {c['tokens_per_answer']}-token answers, one batched generate | {c['batched_s']:.1f} s | one after the other {c['sequential_s']:.1f} s | {c['speedup']:.2f}x faster |")
+    print(f"| compare: two {c['tokens_per_answer']}-token answers, one two-row batch | {c['batched_s']:.1f} s | one after the other {c['sequential_s']:.1f} s | {c['speedup']:.2f}x faster |")
     print(f"| compare: two answers against one | {c['batched_s']:.1f} s | one fine-tuned answer {c['single_fine_tuned_s']:.1f} s | {c['vs_single']:.2f}x the time |")
     print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")

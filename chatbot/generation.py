@@ -190,6 +190,8 @@ class ChatEngine:
         """
         import torch
 
+        from . import decoder
+
         errors: list[BaseException] = []
 
         def run():
@@ -202,7 +204,11 @@ class ChatEngine:
                     with torch.inference_mode(), ctx:
                         if gen.seed is not None:
                             torch.manual_seed(gen.seed)
-                        if not stop.is_set():
+                        if stop.is_set():
+                            pass
+                        elif decoder.supports(self.model, kwargs):  # the same reply, less overhead
+                            decoder.generate(self.model, streamer=streamer, **kwargs)
+                        else:
                             self.model.generate(**kwargs, streamer=streamer)
             except BaseException as exc:  # surfaced to the consumer
                 errors.append(exc)

@@ -125,7 +125,7 @@ def add_variants(model: nn.Module, names: list[str] | None = None) -> list[str]:
     """
     layers = _lora_layers(model)
     all_names = sorted({n for layer in layers for n in layer.lora_A})
-    done = []
+    done, int8_bases = [], False
     for name in names or all_names:
         owners = [layer for layer in layers if name in layer.lora_A]
         if not owners or not all(_mergeable(layer, name) for layer in owners):
@@ -140,9 +140,12 @@ def add_variants(model: nn.Module, names: list[str] | None = None) -> list[str]:
                 merged = quantize_weight(weight + delta)
             if isinstance(base, Int8Linear):
                 base.variants[name] = merged
+                int8_bases = True
             else:
                 base._pending_variants = {**getattr(base, "_pending_variants", {}), name: merged}
         done.append(name)
+    if int8_bases:
+        pack_groups(model)  # the new copies stacked like the base weights
     return done
 
 
@@ -192,6 +195,74 @@ def select_pair(model: nn.Module, pair: tuple[str, str] | None) -> bool:
     return True
 
 
+# projections that read the same input, in the order their rows are stacked (see `stacked`)
+STACK_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def stacked(layers: list, variant: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The selected weights and scales of `layers` (or their `variant`) as one matrix, rows in
+    order, or None unless they lie end to end in one buffer, as `pack_groups` stores them. One
+    kernel call then does the work of several: fewer calls per token and a wider product."""
+    if variant is not None:
+        if not all(variant in layer.variants for layer in layers):
+            return None
+        layers = [_Probe(*layer.variants[variant]) for layer in layers]
+    first = layers[0]
+    weight, scales = first.weight, first.scales
+    rows = 0
+    for layer in layers:
+        if (layer.in_features != first.in_features
+                or layer.weight.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+                or layer.weight.data_ptr() != weight.data_ptr() + rows * weight.stride(0)
+                or layer.scales.data_ptr() != scales.data_ptr() + rows * scales.element_size()):
+            return None
+        rows += layer.out_features
+    return weight.as_strided((rows, first.in_features), weight.stride()), scales.as_strided((rows,), (1,))
+
+
+def _pack(layers: list[Int8Linear]) -> None:
+    """Store each variant the layers share as one buffer, each layer's weights a view of its rows
+    (no extra memory once the separate copies are freed)."""
+    with torch.no_grad():
+        for name in sorted(set.intersection(*(set(layer.variants) for layer in layers))):
+            parts = [layer.variants[name] for layer in layers]
+            if stacked(layers, name) is not None:
+                continue  # already packed
+            weight, scales = torch.cat([w for w, _ in parts]), torch.cat([s for _, s in parts])
+            row = 0
+            for layer, (old, _) in zip(layers, parts):
+                view = (weight[row : row + layer.out_features], scales[row : row + layer.out_features])
+                row += layer.out_features
+                layer.variants[name] = view
+                if layer.weight is old:
+                    layer.weight, layer.scales = view
+
+
+class _Probe:
+    """The shape of an Int8Linear around one variant's tensors (for `stacked`)."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        self.weight, self.scales = weight, scales
+        self.out_features, self.in_features = weight.shape
+
+
+def pack_groups(model: nn.Module) -> None:
+    """Stack the int8 weights of each layer's q/k/v and gate/up projections (every variant)."""
+    groups: dict[tuple[str, int], dict[str, Int8Linear]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, Int8Linear):
+            continue
+        parts = name.removesuffix(".base_layer").rsplit(".", 1)
+        for index, members in enumerate(STACK_GROUPS):
+            if parts[-1] in members:
+                groups.setdefault((parts[0], index), {})[parts[-1]] = module
+    for (_, index), found in groups.items():
+        if len(found) == len(STACK_GROUPS[index]):
+            _pack([found[n] for n in STACK_GROUPS[index]])
+    gc.collect()
+    _release_freed_heap()
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace every float nn.Linear (base layers, lm_head) by Int8Linear, in place; return model.
 
@@ -218,8 +289,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for param in model.parameters():
             param.data = param.data.clone()
-    gc.collect()
-    _release_freed_heap()
+    pack_groups(model)
     return model
 
 

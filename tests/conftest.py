@@ -48,6 +48,18 @@ def make_tiny_model(vocab_size: int, hidden: int = 32, seed: int = 0, tie: bool 
     return LlamaForCausalLM(config).eval()
 
 
+def save_adapter(path, hidden=32, vocab=None, seed=1, targets=("q_proj", "v_proj")):
+    """A random LoRA adapter for the tiny model (non-zero B, so it changes the output)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    base = make_tiny_model(vocab, hidden=hidden)
+    torch.manual_seed(seed)  # the LoRA matrices' random init
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False))
+    peft_model.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama saved with the default model's real tokenizer."""

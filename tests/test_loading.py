@@ -9,7 +9,7 @@ import torch
 
 from chatbot.config import ModelConfig
 from chatbot.loading import AdapterError, ModelLoadError, attach_adapter, convert_default_model, load_model, quantization_config
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, save_adapter as _save_adapter
 
 
 def test_default_model_converted_once(default_model_dir):
@@ -50,16 +50,6 @@ def test_4bit_on_cpu_generates(tiny_dir):
     assert getattr(model, "is_loaded_in_4bit", False)
     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False)
     assert out.shape[1] == 7
-
-
-def _save_adapter(path, hidden=32, vocab=None, seed=1):
-    from peft import LoraConfig, get_peft_model
-
-    base = make_tiny_model(vocab, hidden=hidden)
-    torch.manual_seed(seed)  # the LoRA matrices' random init
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    peft_model.save_pretrained(path)
-    return path
 
 
 def test_adapter_attaches_and_changes_output(tiny_dir, tokenizer, tmp_path):

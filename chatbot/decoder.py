@@ -1,0 +1,282 @@
+"""A lean decoding loop for Llama-style models on CPU: `generate` without its per-token overhead.
+
+    from chatbot.decoder import generate, supports
+    if supports(model, kwargs):
+        generate(model, streamer=streamer, **kwargs)   # same kwargs and streamer calls as model.generate
+
+A 135M model on a 2-core CPU spends more of each token in Python than in its matrix products:
+transformers' `generate` and the model's forward run about 40 small operators per layer on top of
+the weights (cache bookkeeping, mask building, hooks, logits processors). Here one pre-allocated
+KV cache per layer, rotary tables computed once per reply and `torch.rms_norm` replace them, and
+logits are computed for the last position only. The layers' own projection modules (int8, LoRA
+variants, the compare view's pairs) and transformers' rotary embedding and logits processors are
+called as they are, so the replies are the same as `model.generate`'s (greedy tokens; sampled
+tokens draw on the same RNG in the same order); tests check both against `generate`.
+
+What it covers is what the app asks for: rows of one prompt without padding, greedy or
+temperature / top-k / top-p sampling, repetition penalty, min_new_tokens, stopping criteria, a
+streamer. Anything else (padding, PEFT's per-row adapter_names, beam search, other processors,
+sliding-window attention, CUDA) goes to `model.generate`. CHATBOT_DECODER=transformers turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+MODEL_TYPES = ("llama", "qwen2", "qwen3")
+_INT8_MM = getattr(torch, "_weight_int8pack_mm", None) or torch.ops.aten._weight_int8pack_mm  # the direct binding costs less per call
+KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "do_sample", "temperature",
+          "top_p", "top_k", "repetition_penalty", "stopping_criteria", "pad_token_id"}
+# transformers' global defaults where neither the call nor the model's generation_config sets a value
+DEFAULTS = {"top_k": 50, "top_p": 1.0, "temperature": 1.0, "repetition_penalty": 1.0, "do_sample": False}
+# generation_config fields that would add a logits processor or a search this loop does not run
+UNSUPPORTED = ("no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "min_p",
+               "sequence_bias", "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty",
+               "guidance_scale", "watermarking_config", "top_h", "epsilon_cutoff", "eta_cutoff")
+
+
+def causal_lm(model):
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def supports(model, kwargs: dict) -> bool:
+    """Whether `generate(model, **kwargs)` runs here rather than through `model.generate`."""
+    if os.environ.get("CHATBOT_DECODER", "auto") == "transformers" or set(kwargs) - KWARGS:
+        return False
+    lm = causal_lm(model)
+    config, gen = lm.config, lm.generation_config
+    if config.model_type not in MODEL_TYPES or lm.device.type != "cpu" or lm.training:
+        return False
+    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or []):
+        return False
+    if any(getattr(gen, name, None) not in (None, 0, 1.0, False, []) for name in UNSUPPORTED):
+        return False
+    if (gen.num_beams or 1) > 1 or (gen.typical_p or 1.0) < 1.0:
+        return False
+    mask = kwargs.get("attention_mask")
+    return mask is None or bool(mask.all())
+
+
+def _processors(lm, prompt_len: int, kwargs: dict, eos: list[int]):
+    """transformers' own logits processors, in generate's order, for the settings the app uses."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    gen = lm.generation_config
+
+    def setting(name):  # generate's precedence: its arguments, the model's config, global defaults
+        if name in kwargs:
+            return kwargs[name]
+        value = getattr(gen, name, None)
+        return DEFAULTS.get(name) if value is None else value
+
+    out = LogitsProcessorList()
+    if (penalty := setting("repetition_penalty")) not in (None, 1.0):
+        out.append(RepetitionPenaltyLogitsProcessor(penalty))
+    if (min_new := setting("min_new_tokens")) and eos:
+        out.append(MinNewTokensLengthLogitsProcessor(prompt_len, min_new, eos))
+    sample = bool(setting("do_sample"))
+    if sample:
+        if (temperature := setting("temperature")) not in (None, 1.0):
+            out.append(TemperatureLogitsWarper(temperature))
+        if top_k := setting("top_k"):
+            out.append(TopKLogitsWarper(top_k))
+        if (top_p := setting("top_p")) is not None and top_p < 1.0:
+            out.append(TopPLogitsWarper(top_p))
+    return out, sample
+
+
+class _Cache:
+    """Pre-allocated keys and values for every layer: [rows, kv heads, length, head dim]."""
+
+    def __init__(self, lm, rows: int, length: int):
+        cfg = lm.config
+        heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (rows, heads, length, head_dim)
+        dtype = lm.model.embed_tokens.weight.dtype
+        self.keys = [torch.empty(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.values = [torch.empty(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+
+
+def _unwrapped(module):
+    """A PEFT LoRA layer that adds nothing now (adapters off, merged, or none of its adapters
+    active) does only its base layer's work: call that directly."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return module
+    if not isinstance(module, LoraLayer):
+        return module
+    if module.disable_adapters:
+        return module if module.merged else module.get_base_layer()
+    if module.merged or not set(module.active_adapters) & set(module.lora_A):
+        return module.get_base_layer()
+    return module
+
+
+class _Group:
+    """Projections that read the same input (q, k, v; gate, up; or one alone). When each is a plain
+    Int8Linear, one bfloat16 copy of the input feeds the int8 kernel directly, in one call for the
+    whole group where their weights are stacked (`int8.pack_groups`). In the compare view's pair
+    mode both rows share that call on the base weights, and each row adds its adapter's LoRA
+    product as `Int8Linear.forward` does."""
+
+    def __init__(self, modules):
+        from . import int8
+
+        self.modules = [_unwrapped(m) for m in modules]
+        self.sizes = [m.out_features for m in self.modules]
+        plain = all(type(m) is int8.Int8Linear and m.bias is None for m in self.modules)
+        pairs = {m.pair for m in self.modules} if plain else set()
+        self.pair = plain and len(pairs) == 1 and None not in pairs
+        self.direct = plain and pairs == {None}
+        self.weights = None  # (stacked weights, scales) for one call
+        if self.direct and len(self.modules) > 1:
+            self.weights = int8.stacked(self.modules)
+        elif self.pair:
+            self.weights = int8.stacked(self.modules, int8.BASE_VARIANT)
+            self.rows = [self._row_lora(row) for row in range(2)]
+            self.pair = self.weights is not None
+
+    def _row_lora(self, row: int) -> list:
+        """Per adapted projection of this row: (output columns, A transposed, B transposed, scaling)."""
+        parts, start = [], 0
+        for m, size in zip(self.modules, self.sizes):
+            lora = m.pair_loras[row] if m.pair_loras else None
+            if lora is not None:
+                a, b, scaling = lora
+                parts.append((start, start + size, a.t(), b.t(), scaling))
+            start += size
+        return parts
+
+    def __call__(self, h: torch.Tensor) -> list[torch.Tensor]:
+        from .int8 import PREFILL_ROWS
+
+        rows = h.shape[0] * h.shape[1]
+        if rows >= PREFILL_ROWS or not (self.direct or (self.pair and h.shape[0] == 2)):
+            return [m(h) for m in self.modules]
+        flat = h.reshape(rows, -1)
+        hb = flat.to(torch.bfloat16)
+        if self.weights is None:
+            return [_INT8_MM(hb, m.weight, m.scales).to(h.dtype).view(*h.shape[:-1], -1) for m in self.modules]
+        y = _INT8_MM(hb, *self.weights).to(h.dtype).view(*h.shape[:-1], -1)
+        if self.pair:
+            for row, parts in enumerate(self.rows):
+                for start, end, a_t, b_t, scaling in parts:  # as Int8Linear.forward, to the bit
+                    y[row, :, start:end].addmm_(h[row] @ a_t, b_t, alpha=scaling)
+        return y.split(self.sizes, dim=-1)
+
+
+class _Layer:
+    def __init__(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.attn, self.act = attn, mlp.act_fn
+        self.qkv = _Group([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = _Group([attn.o_proj])
+        self.gate_up = _Group([mlp.gate_proj, mlp.up_proj])
+        self.down = _Group([mlp.down_proj])
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.qk_norm = (attn.q_norm, attn.k_norm) if hasattr(attn, "q_norm") else None  # Qwen3
+
+
+def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    return torch.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as transformers applies it, x * cos + rotate_half(x) * sin, with
+    rotate_half's sign folded into `sin` (see `_rotary_tables`): the same numbers, fewer operators."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def _rotary_tables(lm, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin for positions 0..length-1, from the model's own rotary embedding."""
+    cos, sin = lm.model.rotary_emb(lm.model.embed_tokens.weight[:1], torch.arange(length).unsqueeze(0))
+    half = sin.shape[-1] // 2
+    return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def _forward(lm, layers: list[_Layer], ids: torch.Tensor, start: int, cache: _Cache, cos: torch.Tensor,
+             sin: torch.Tensor) -> torch.Tensor:
+    """Logits of the last position for `ids` at positions start.., extending `cache` in place."""
+    rows, length = ids.shape
+    end = start + length
+    cos, sin = cos[:, None, start:end], sin[:, None, start:end]
+    x = lm.model.embed_tokens(ids)
+    for i, layer in enumerate(layers):
+        attn = layer.attn
+        shape = (rows, length, -1, attn.head_dim)
+        q, k, v = layer.qkv(_rms_norm(x, layer.norm1))
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
+        heads = q.shape[2]
+        if layer.qk_norm:  # Qwen3
+            q, k = _rotate(layer.qk_norm[0](q).transpose(1, 2), cos, sin), _rotate(layer.qk_norm[1](k).transpose(1, 2), cos, sin)
+        elif k.data_ptr() == q.data_ptr() + q[0, 0].numel() * q.element_size() and k.stride() == q.stride():
+            # q and k sit side by side in one stacked product: rotate both in one pass
+            qk = _rotate(q.as_strided((rows, length, heads + k.shape[2], attn.head_dim), q.stride()).transpose(1, 2), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
+        keys, values = cache.keys[i], cache.values[i]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v.transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], is_causal=length > 1,
+                                           scale=attn.scaling, enable_gqa=True)
+        x = x + layer.o(o.transpose(1, 2).reshape(rows, length, -1))[0]
+        gate, up = layer.gate_up(_rms_norm(x, layer.norm2))
+        x = x + layer.down(layer.act(gate) * up)[0]
+    x = _rms_norm(x[:, -1:], lm.model.norm)
+    return lm.lm_head(x)[:, -1].float()
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, streamer=None, stopping_criteria=None,
+             pad_token_id: int | None = None, **settings) -> torch.Tensor:
+    """`model.generate` for what `supports` accepts: returns prompt and new tokens, calls the streamer
+    and the stopping criteria as generate does (a row that ends pads until every row has ended)."""
+    lm = causal_lm(model)
+    settings.pop("attention_mask", None)
+    eos = lm.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = pad_token_id if pad_token_id is not None else lm.generation_config.pad_token_id
+    rows, prompt_len = input_ids.shape
+    processors, sample = _processors(lm, prompt_len, settings, eos)
+    total = prompt_len + max_new_tokens
+    cos, sin = _rotary_tables(lm, total)
+    cache = _Cache(lm, rows, total)
+    layers = [_Layer(layer) for layer in lm.model.layers]  # the adapter selection holds for the reply
+    eos_ids = torch.tensor(eos, dtype=input_ids.dtype)
+    unfinished = torch.ones(rows, dtype=torch.bool)
+    ids = input_ids
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    step_ids, start = input_ids, 0
+    for _ in range(max_new_tokens):
+        logits = _forward(lm, layers, step_ids, start, cache, cos, sin)
+        start += step_ids.shape[1]
+        scores = processors(ids, logits)
+        if sample:
+            token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        if pad is not None:
+            token = torch.where(unfinished, token, pad)
+        ids = torch.cat([ids, token[:, None]], dim=-1)
+        if len(eos):
+            unfinished &= (token[:, None] != eos_ids).all(-1)
+        for criterion in stopping_criteria or []:  # before the token is streamed, as in generate
+            unfinished &= ~criterion(ids, None)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if not unfinished.any():
+            break
+        step_ids = token[:, None]
+    if streamer is not None:
+        streamer.end()
+    return ids

@@ -1,0 +1,234 @@
+"""The lean decoding loop gives `model.generate`'s replies: same tokens, same streamer calls, same
+stopping, on float32 and int8, with adapters, in compare's two-row mode, for Llama, Qwen2 and Qwen3."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from chatbot import decoder
+from chatbot.config import ModelConfig
+from chatbot.generation import BASE, ChatEngine, StopOnEvent
+from chatbot.loading import load_model
+from tests.conftest import save_adapter
+
+
+class Recorder:
+    """A streamer that keeps every put() and can set a stop event after some tokens."""
+
+    def __init__(self, stop_after: int | None = None, event: threading.Event | None = None):
+        self.puts, self.ended, self.stop_after, self.event = [], 0, stop_after, event
+
+    def put(self, value):
+        self.puts.append(value.clone())
+        if self.stop_after is not None and len(self.puts) > self.stop_after:
+            self.event.set()
+
+    def end(self):
+        self.ended += 1
+
+
+def _kwargs(ids, tokens=12, sample=False, stop=None, **extra):
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=sample,
+              repetition_penalty=1.1, pad_token_id=2)
+    kw.update(dict(temperature=0.7, top_p=0.9) if sample else dict(temperature=None, top_p=None, top_k=None))
+    if stop is not None:
+        from transformers import StoppingCriteriaList
+
+        kw["stopping_criteria"] = StoppingCriteriaList([StopOnEvent(stop)])
+    kw.update(extra)
+    return kw
+
+
+def _both(model, kw, seed=0, **streamer_args):
+    """(generate's output, its streamer), (the lean loop's output, its streamer)."""
+    out = []
+    for run in (model.generate, lambda **k: decoder.generate(model, **k)):
+        torch.manual_seed(seed)
+        event = threading.Event()
+        args = dict(kw)
+        if "stop_after" in streamer_args:
+            from transformers import StoppingCriteriaList
+
+            args["stopping_criteria"] = StoppingCriteriaList([StopOnEvent(event)])
+        streamer = Recorder(streamer_args.get("stop_after"), event)
+        with torch.inference_mode():
+            out.append((run(streamer=streamer, **args), streamer))
+    return out
+
+
+def _prompt(tokenizer, length=20, seed=0):
+    return torch.randint(3, len(tokenizer), (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("quantize", ["none", "auto"])  # float32, and int8 (the CPU default)
+@pytest.mark.parametrize("sample", [False, True])
+def test_same_tokens_as_generate(tiny_dir, tokenizer, quantize, sample):
+    model, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=None, quantize=quantize))
+    kw = _kwargs(_prompt(tokenizer), sample=sample)
+    assert decoder.supports(model, kw)
+    (ref, ref_stream), (lean, lean_stream) = _both(model, kw, seed=3)
+    assert ref.shape[1] == 20 + 12 and torch.equal(lean, ref)
+    assert len(lean_stream.puts) == len(ref_stream.puts) == 13  # the prompt, then one put per token
+    assert all(torch.equal(a, b) for a, b in zip(lean_stream.puts, ref_stream.puts))
+    assert lean_stream.ended == ref_stream.ended == 1
+
+
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj")])
+def test_same_tokens_with_an_adapter_on_int8(tiny_dir, tokenizer, tmp_path, targets):
+    """Hot-swapped adapters (merged int8 copies, stacked or not), the base, and PEFT's own LoRA
+    layers when no merged copy exists."""
+    from chatbot.int8 import _int8_lora_layers
+
+    adapter = save_adapter(tmp_path / "lora", vocab=len(tokenizer), targets=targets)
+    model, tok = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter)))
+    engine = ChatEngine(model, tok)
+    kw = _kwargs(_prompt(tokenizer, 40))  # 40 rows: the prompt takes the float path (PREFILL_ROWS)
+    outs = {}
+    for name in (BASE, "lora"):
+        with engine.use_adapter(name):
+            (ref, _), (lean, _) = _both(model, kw)
+        assert torch.equal(lean, ref)
+        outs[name] = lean
+    assert not torch.equal(outs[BASE], outs["lora"])
+    for layer in _int8_lora_layers(model):
+        layer.get_base_layer().variants.pop("lora")
+    with engine.use_adapter("lora"):  # PEFT's layers on the int8 base
+        (ref, _), (lean, _) = _both(model, kw)
+    assert torch.equal(lean, ref)
+
+
+def test_int8_projections_are_stacked(tiny_dir, tokenizer, tmp_path):
+    """q/k/v and gate/up share one buffer per variant (one kernel call), in the same memory."""
+    from chatbot import int8
+
+    adapter = save_adapter(tmp_path / "lora", vocab=len(tokenizer), targets=("q_proj", "k_proj", "v_proj"))
+    model, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter)))
+    layer = decoder.causal_lm(model).model.layers[0]
+    qkv = [m.get_base_layer() for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)]
+    for variant in (int8.BASE_VARIANT, "lora"):
+        weight, scales = int8.stacked(qkv, variant)
+        assert weight.shape == (sum(m.out_features for m in qkv), 32)
+        assert weight.untyped_storage().nbytes() == weight.numel()  # the views are the only copy
+    assert int8.stacked([layer.mlp.gate_proj, layer.mlp.up_proj]) is not None
+    assert int8.stacked([qkv[0], layer.mlp.up_proj]) is None  # not side by side
+
+
+def test_compare_pair_same_tokens(tiny_dir, tokenizer, tmp_path):
+    """Compare's two rows (base, adapter on the int8 base) in one batch: as generate gives them."""
+    adapter = save_adapter(tmp_path / "lora", vocab=len(tokenizer), targets=("q_proj", "k_proj", "v_proj", "up_proj"))
+    model, tok = load_model(ModelConfig(model=str(tiny_dir), adapter=str(adapter)))
+    engine = ChatEngine(model, tok)
+    kw = _kwargs(_prompt(tokenizer, 20).repeat(2, 1))
+    with engine.pair_context((BASE, "lora")):
+        assert decoder.supports(model, kw)
+        (ref, _), (lean, _) = _both(model, kw)
+    assert torch.equal(lean, ref) and not torch.equal(lean[0], lean[1])
+
+
+def test_stop_event_and_eos_end_as_in_generate(tiny_dir, tokenizer):
+    model, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=None))
+    kw = _kwargs(_prompt(tokenizer), tokens=20)
+    (ref, _), (lean, _) = _both(model, kw, stop_after=5)
+    assert torch.equal(lean, ref) and lean.shape[1] == 20 + 6  # the stop is seen after the next token
+    # the first token greedy decoding writes becomes the end-of-sequence token
+    model.generation_config.eos_token_id = [int(lean[0, 20]), 2]
+    (ref, _), (lean, _) = _both(model, kw)
+    assert torch.equal(lean, ref) and lean.shape[1] == 20 + 1
+    model.generation_config.min_new_tokens = 10  # the bench forces a token count this way
+    (ref, _), (lean, _) = _both(model, kw)
+    assert torch.equal(lean, ref) and lean.shape[1] >= 20 + 10
+
+
+def test_what_it_does_not_cover_goes_to_generate(tiny_dir, tokenizer, monkeypatch):
+    model, _ = load_model(ModelConfig(model=str(tiny_dir), adapter=None))
+    ids = _prompt(tokenizer)
+    assert decoder.supports(model, _kwargs(ids))
+    padded = _kwargs(ids)
+    padded["attention_mask"][0, 0] = 0
+    assert not decoder.supports(model, padded)
+    assert not decoder.supports(model, _kwargs(ids, adapter_names=["__base__"]))
+    assert not decoder.supports(model, _kwargs(ids, num_beams=2))
+    model.generation_config.no_repeat_ngram_size = 3
+    assert not decoder.supports(model, _kwargs(ids))
+    model.generation_config.no_repeat_ngram_size = None
+    monkeypatch.setenv("CHATBOT_DECODER", "transformers")
+    assert not decoder.supports(model, _kwargs(ids))
+
+
+def _tiny(kind: str, vocab: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    cls, config = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "qwen3": (Qwen3ForCausalLM, Qwen3Config)}[kind]
+    return cls(config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, max_position_embeddings=256, eos_token_id=2,
+                      pad_token_id=2)).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])  # q/k/v biases; per-head q/k norms
+@pytest.mark.parametrize("int8", [False, True])
+def test_other_architectures(tokenizer, kind, int8):
+    from chatbot.int8 import quantize_int8
+
+    model = _tiny(kind, len(tokenizer))
+    if int8:
+        quantize_int8(model)
+    kw = _kwargs(_prompt(tokenizer))
+    assert decoder.supports(model, kw)
+    (ref, _), (lean, _) = _both(model, kw)
+    assert torch.equal(lean, ref)
+
+
+def test_real_model_replies_are_unchanged(default_model_dir, monkeypatch):
+    """The default model through the app's engine: the same reply with and without the lean loop."""
+    from chatbot.config import DEFAULT_ADAPTER, GenerationConfig
+    from chatbot.prompts import build_messages
+
+    model, tok = load_model(ModelConfig(adapter=str(DEFAULT_ADAPTER)))
+    engine = ChatEngine(model, tok)
+    messages = build_messages([], "I keep worrying about my exams. How can I relax?")
+    gen = GenerationConfig(max_new_tokens=40, temperature=0)
+    for adapter in (BASE, engine.adapters[1]):
+        lean = engine.reply(messages, gen, adapter=adapter)
+        monkeypatch.setenv("CHATBOT_DECODER", "transformers")
+        assert engine.reply(messages, gen, adapter=adapter) == lean and len(lean) > 40
+        monkeypatch.delenv("CHATBOT_DECODER")
+
+
+def _logits_both(model, ids):
+    """Logits of a prompt and of one decoding step after it: the model's forward (DynamicCache)
+    and the lean loop's, for an exact comparison."""
+    lm = decoder.causal_lm(model)
+    n = ids.shape[1]
+    with torch.inference_mode():
+        out = model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1)
+        step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+        cos, sin = decoder._rotary_tables(lm, n)
+        cache, layers = decoder._Cache(lm, ids.shape[0], n), [decoder._Layer(layer) for layer in lm.model.layers]
+        lean = [decoder._forward(lm, layers, ids[:, :-1], 0, cache, cos, sin),
+                decoder._forward(lm, layers, ids[:, -1:], n - 1, cache, cos, sin)]
+    return [out.logits[:, -1], step.logits[:, -1]], lean
+
+
+def test_logits_are_the_models_own(default_model_dir, tokenizer):
+    """Bit for bit, on the default model in int8: the base, the shipped adapter's merged copy, and
+    compare's pair (base row, adapter-on-base row), for a prompt and a decoding step."""
+    from chatbot.config import DEFAULT_ADAPTER
+
+    model, tok = load_model(ModelConfig(adapter=str(DEFAULT_ADAPTER)))
+    engine = ChatEngine(model, tok)
+    name = engine.adapters[1]
+    ids = torch.tensor([tok("I can't stop worrying about what people think of me at work.")["input_ids"]])
+    results = {}
+    for label, context, rows in (("base", lambda: engine.use_adapter(BASE), 1), ("adapter", lambda: engine.use_adapter(name), 1),
+                                 ("pair", lambda: engine.pair_context((BASE, name)), 2)):
+        with context():
+            reference, lean = _logits_both(model, ids.repeat(rows, 1))
+        assert all(torch.equal(a, b) for a, b in zip(reference, lean)), label
+        results[label] = lean[1]
+    assert torch.equal(results["pair"][0], results["base"][0])
+    assert not torch.allclose(results["pair"][1], results["pair"][0], atol=1e-2)
