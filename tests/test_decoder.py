@@ -214,7 +214,8 @@ def _logits_both(model, ids):
     return [out.logits[:, -1], step.logits[:, -1]], lean
 
 
-def test_logits_are_the_models_own(default_model_dir, tokenizer):
+@pytest.mark.parametrize("repeat", [1, 4])  # 13 and 52 tokens: the int8 kernel, then the float path
+def test_logits_are_the_models_own(default_model_dir, tokenizer, repeat):
     """Bit for bit, on the default model in int8: the base, the shipped adapter's merged copy, and
     compare's pair (base row, adapter-on-base row), for a prompt and a decoding step."""
     from chatbot.config import DEFAULT_ADAPTER
@@ -222,7 +223,7 @@ def test_logits_are_the_models_own(default_model_dir, tokenizer):
     model, tok = load_model(ModelConfig(adapter=str(DEFAULT_ADAPTER)))
     engine = ChatEngine(model, tok)
     name = engine.adapters[1]
-    ids = torch.tensor([tok("I can't stop worrying about what people think of me at work.")["input_ids"]])
+    ids = torch.tensor([tok("I can't stop worrying about what people think of me at work." * repeat)["input_ids"]])
     results = {}
     for label, context, rows in (("base", lambda: engine.use_adapter(BASE), 1), ("adapter", lambda: engine.use_adapter(name), 1),
                                  ("pair", lambda: engine.pair_context((BASE, name)), 2)):
