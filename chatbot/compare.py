@@ -1,11 +1,12 @@
-"""Two models, one batched `generate`: the base model and an adapter answer the same prompt.
+"""Two models, one batch: the base model and an adapter answer the same prompt, a row each.
 
     for row, delta in stream_pair(engine, messages, gen, stop, ("base", "finetuned")):
         texts[row] += delta
 
-PEFT runs different adapters for different rows of one batch (`adapter_names`, with "__base__"
-for the adapter switched off), so only one copy of the base weights is in memory and both answers
-decode together: on a CPU a batch of two costs little more than one (see `make bench`). Both rows
+Only one copy of the base weights is in memory and both answers decode together: on a CPU a
+batch of two costs little more than one (see `make bench`). With int8 weights each row runs its
+own weights from the shared int8 base (`ChatEngine.pair_context`); otherwise PEFT runs a
+different adapter per row (`adapter_names`, "__base__" for the adapter switched off). Both rows
 share the prompt, the sampling settings and the seed.
 """
 

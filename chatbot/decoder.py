@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
-_INT8_MM = getattr(torch, "_weight_int8pack_mm", None) or torch.ops.aten._weight_int8pack_mm  # the direct binding costs less per call
+# the int8 kernel; torch's direct binding costs less per call than torch.ops.aten
+_INT8_MM = getattr(torch, "_weight_int8pack_mm", None) or torch.ops.aten._weight_int8pack_mm
 KWARGS = {"input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "do_sample", "temperature",
           "top_p", "top_k", "repetition_penalty", "stopping_criteria", "pad_token_id"}
 # transformers' global defaults where neither the call nor the model's generation_config sets a value
@@ -220,10 +221,12 @@ def _forward(lm, layers: list[_Layer], ids: torch.Tensor, start: int, cache: _Ca
         q, k, v = q.view(shape), k.view(shape), v.view(shape)
         heads = q.shape[2]
         if layer.qk_norm:  # Qwen3
-            q, k = _rotate(layer.qk_norm[0](q).transpose(1, 2), cos, sin), _rotate(layer.qk_norm[1](k).transpose(1, 2), cos, sin)
+            q, k = layer.qk_norm[0](q), layer.qk_norm[1](k)
+            q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
         elif k.data_ptr() == q.data_ptr() + q[0, 0].numel() * q.element_size() and k.stride() == q.stride():
             # q and k sit side by side in one stacked product: rotate both in one pass
-            qk = _rotate(q.as_strided((rows, length, heads + k.shape[2], attn.head_dim), q.stride()).transpose(1, 2), cos, sin)
+            qk = q.as_strided((rows, length, heads + k.shape[2], attn.head_dim), q.stride())
+            qk = _rotate(qk.transpose(1, 2), cos, sin)
             q, k = qk[:, :heads], qk[:, heads:]
         else:
             q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)

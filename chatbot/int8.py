@@ -19,6 +19,10 @@ seven projections of SmolLM2-135M). The compare view batches two rows (`select_p
 the base weights once, and each row adds its own adapter's low-rank product, as PEFT does for a
 mixed batch but without PEFT's per-layer overhead. PEFT's layers remain for adapters that cannot
 be merged (DoRA).
+
+Each layer's q/k/v and gate/up projections keep their int8 weights (of every variant) stacked in
+one buffer, each module's weight a view of its rows (`pack_groups`): the same memory, and the
+decoding loop (chatbot/decoder.py) reads a group with one kernel call (`stacked`).
 """
 
 from __future__ import annotations
