@@ -47,6 +47,8 @@ class Lexicon:
         self.recovery = re.compile(data.get("recovery", r"(?!)"))
         self.relapse = re.compile(data.get("relapse", r"(?!)"))
         self.not_negations = re.compile(data.get("not_negations", r"(?!)"))
+        self.negation_phrases = re.compile(data.get("negation_phrases", r"(?!)"))
+        self.negated_after = re.compile(data.get("negated_after", r"(?!)"))
         self.idioms = [re.compile(p) for p in data.get("idioms", [])]
         self.entries: dict[str, list[Entry]] = {}
         for stage in STAGES:
@@ -60,11 +62,15 @@ class Lexicon:
                 )
             self.entries[stage] = entries
 
-    def _negated(self, text: str, start: int) -> bool:
-        """A negator among the few words before the match, in the same clause."""
+    def _negated(self, text: str, start: int, end: int) -> bool:
+        """A negator among the few words before the match, in the same clause; a longer negating
+        phrase that ends at the match; or a negation right after it ("... isn't something I'd do")."""
         clause = re.split(r"[.!?;,:]|\bbut\b|\bjust\b|\band\b", text[:start])[-1]
+        if self.not_negations.search(clause):
+            return False
         before = " ".join(clause.split()[-self.negation_words :])
-        return bool(self.negators.search(before)) and not self.not_negations.search(clause)
+        return bool(self.negators.search(before) or self.negation_phrases.search(clause)
+                    or self.negated_after.match(text[end : end + 60]))
 
     def _idiom(self, text: str, start: int, end: int) -> bool:
         """True when an idiom overlaps the match: "I could die of embarrassment"."""
@@ -93,7 +99,7 @@ class Lexicon:
                 for m in entry.pattern.finditer(form):
                     if self._idiom(form, m.start(), m.end()):
                         continue
-                    negated = entry.negatable and (self._negated(form, m.start()) or self._recovered(form))
+                    negated = entry.negatable and (self._negated(form, m.start(), m.end()) or self._recovered(form))
                     if negated and entry.id not in negated_hits:
                         negated_hits[entry.id] = Hit(entry.id, entry.category, entry.severity, m.group(0), True)
                         continue

@@ -104,6 +104,20 @@ def test_recovery_and_hyperbole_are_not_crisis(guard, text):
     assert not guard.check_input(text).crisis
 
 
+@pytest.mark.parametrize("text, crisis", [
+    ("I'm sad but I'm not going to do anything to hurt myself", False),
+    ("killing myself isn't something I'd ever do, I'm just angry", False),
+    ("killing myself isn't something I'd regret", True),  # only "do/consider/try" negate afterwards
+    ("I never thought I would want to kill myself", True),  # the negator is too far back: not negated
+    ("I'm going to drive into the river after work tomorrow", True),
+    ("I crashed into a wall when I was learning to drive", False),  # an accident, no intent
+    ("she'll have my head if I forget her birthday again", False),
+])
+def test_longer_negations_and_vehicle_plans(guard, text, crisis):
+    """Negations that sit further from the match or after it, and a plan by car (dev set round 2)."""
+    assert guard.check_input(text).crisis is crisis
+
+
 def test_long_text_is_screened_in_windows(guard):
     text = "I went to the shop today and bought some bread. " * 40 + "I want to end my life. " + "The weather was fine. " * 40
     assert len(windows(text)) > 3
