@@ -112,9 +112,17 @@ def test_recovery_and_hyperbole_are_not_crisis(guard, text):
     ("I'm going to drive into the river after work tomorrow", True),
     ("I crashed into a wall when I was learning to drive", False),  # an accident, no intent
     ("she'll have my head if I forget her birthday again", False),
+    ("I'd rather be dead than wear that outfit", False),  # dev round 3: idioms soften the classifier...
+    ("this deadline is going to be the end of me", False),
+    ("my houseplants are on their last legs", False),
+    ("my teacher is going to murder me for handing this in late", False),
+    ("I'd rather be dead than go on like this", True),  # ...which still catches the same words in earnest
+    ("this pain is going to be the death of me, I can't do it anymore", True),
+    ("I feel like I'm on my last legs and I want it all to end", True),
 ])
 def test_longer_negations_and_vehicle_plans(guard, text, crisis):
-    """Negations that sit further from the match or after it, and a plan by car (dev set round 2)."""
+    """Negations that sit further from the match or after it, a plan by car, and idioms that only
+    make the classifier surer (dev set rounds 2 and 3)."""
     assert guard.check_input(text).crisis is crisis
 
 
