@@ -173,8 +173,10 @@ class _Group:
         y = _INT8_MM(hb, *self.weights).to(h.dtype).view(*h.shape[:-1], -1)
         if self.pair:
             for row, parts in enumerate(self.rows):
-                for start, end, a_t, b_t, scaling in parts:  # as Int8Linear.forward, to the bit
-                    y[row, :, start:end].addmm_(h[row] @ a_t, b_t, alpha=scaling)
+                if parts:
+                    x_row, y_row = h[row], y[row]
+                    for start, end, a_t, b_t, scaling in parts:  # as Int8Linear.forward, to the bit
+                        y_row[:, start:end].addmm_(x_row @ a_t, b_t, alpha=scaling)
         return y.split(self.sizes, dim=-1)
 
 
