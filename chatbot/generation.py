@@ -204,12 +204,11 @@ class ChatEngine:
                     with torch.inference_mode(), ctx:
                         if gen.seed is not None:
                             torch.manual_seed(gen.seed)
-                        if stop.is_set():
-                            pass
-                        elif decoder.supports(self.model, kwargs):  # the same reply, less overhead
-                            decoder.generate(self.model, streamer=streamer, **kwargs)
-                        else:
-                            self.model.generate(**kwargs, streamer=streamer)
+                        if not stop.is_set():
+                            if decoder.supports(self.model, kwargs):  # the same reply, less overhead
+                                decoder.generate(self.model, streamer=streamer, **kwargs)
+                            else:
+                                self.model.generate(**kwargs, streamer=streamer)
             except BaseException as exc:  # surfaced to the consumer
                 errors.append(exc)
             finally:

@@ -30,30 +30,27 @@ class Recorder:
         self.ended += 1
 
 
-def _kwargs(ids, tokens=12, sample=False, stop=None, **extra):
+def _kwargs(ids, tokens=12, sample=False, **extra):
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=sample,
               repetition_penalty=1.1, pad_token_id=2)
     kw.update(dict(temperature=0.7, top_p=0.9) if sample else dict(temperature=None, top_p=None, top_k=None))
-    if stop is not None:
-        from transformers import StoppingCriteriaList
-
-        kw["stopping_criteria"] = StoppingCriteriaList([StopOnEvent(stop)])
     kw.update(extra)
     return kw
 
 
-def _both(model, kw, seed=0, **streamer_args):
-    """(generate's output, its streamer), (the lean loop's output, its streamer)."""
+def _both(model, kw, seed=0, stop_after: int | None = None):
+    """(generate's output, its streamer), (the lean loop's output, its streamer); with stop_after,
+    the streamer sets the app's stop event after that many puts."""
     out = []
     for run in (model.generate, lambda **k: decoder.generate(model, **k)):
         torch.manual_seed(seed)
         event = threading.Event()
         args = dict(kw)
-        if "stop_after" in streamer_args:
+        if stop_after is not None:
             from transformers import StoppingCriteriaList
 
             args["stopping_criteria"] = StoppingCriteriaList([StopOnEvent(event)])
-        streamer = Recorder(streamer_args.get("stop_after"), event)
+        streamer = Recorder(stop_after, event)
         with torch.inference_mode():
             out.append((run(streamer=streamer, **args), streamer))
     return out
