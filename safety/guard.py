@@ -108,7 +108,7 @@ class Guard:
     def _input(self, text: str, at_risk: bool) -> Verdict:
         found = self.lexicon.match(text, "input", negated=True)
         hits = [h for h in found if not h.negated]
-        score, head = self.classifier.scores(text)  # head: 'input' (a message) or 'post' (a long text)
+        score, head = self.classifier.scores(text)  # head: 'input', or 'post' from 20 words on
         threshold = self.classifier.threshold(head)
         if head == "input" and not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))
                                              or self.lexicon.softened(text)):

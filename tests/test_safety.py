@@ -119,11 +119,25 @@ def test_recovery_and_hyperbole_are_not_crisis(guard, text):
     ("I'd rather be dead than go on like this", True),  # ...which still catches the same words in earnest
     ("this pain is going to be the death of me, I can't do it anymore", True),
     ("I feel like I'm on my last legs and I want it all to end", True),
+    ("I keep thinking about death and I don't want to be here anymore", True),
+    ("my room is clean for the first time in months and I've given my things away", True),  # tidy, not recovery
+    ("I've been clean since march and I'm not going to hurt myself", False),
 ])
 def test_longer_negations_and_vehicle_plans(guard, text, crisis):
     """Negations that sit further from the match or after it, a plan by car, and idioms that only
     make the classifier surer (dev set rounds 2 and 3)."""
     assert guard.check_input(text).crisis is crisis
+
+
+def test_thinking_about_death_needs_the_classifier_to_agree(guard):
+    """"death" alone is often grief or curiosity: a medium hit, which the classifier must confirm
+    (at 60% of its threshold); "dying" and "my death" stay high."""
+    assert [h.severity for h in guard.lexicon.match("I've been thinking about death since the funeral")] == ["medium"]
+    assert [h.severity for h in guard.lexicon.match("I've been thinking about dying")] == ["high"]
+    threshold = guard.classifier.threshold("input") * guard.config.medium_factor
+    for text in ("I keep thinking about death", "is it normal to think about death after a loss?"):
+        score, _ = guard.classifier.scores(text)
+        assert guard.check_input(text).crisis is (score >= threshold)
 
 
 def test_long_text_is_screened_in_windows(guard):
@@ -156,12 +170,45 @@ def test_long_posts_are_judged_by_the_post_head(guard):
     assert verdict.crisis and verdict.category == "classifier"
 
 
+MID_AT_RISK = [  # one window, 20 to 48 words, no lexicon phrase
+    "I have stopped replying to everyone. Last night I wrote a note for my brother and left it on his desk. "
+    "I'm so tired of trying and I think this week is the last one I can get through.",
+    "I've sold my guitar and my books. My flat is tidy for the first time in years and I've made my peace "
+    "with it. I won't be around to see the spring.",
+]
+MID_ORDINARY = [
+    "I've felt flat since the holidays. Work is dull, the weather is grey and I miss my friends back home. "
+    "What are some small things I could do to lift my mood this week?",
+    "My flatmate keeps leaving dishes in the sink and I'm starting to resent her. "
+    "I hate confrontation. How do I bring it up without it turning into a fight?",
+]
+
+
+def test_messages_of_twenty_words_or_more_use_the_post_head(guard):
+    """One-window texts from POST_MIN_WORDS words on are scored by the post head: on the RMHD
+    development part the input head caught 72% of such r/SuicideWatch posts."""
+    from safety.classifier import POST_MIN_WORDS, screen_windows
+
+    for text in MID_AT_RISK + MID_ORDINARY:
+        assert len(screen_windows(text)) == 1 and guard.lexicon.match(text, "input") == []
+        assert guard.classifier.scores(text)[1] == "post"
+        assert guard.classifier.scores(" ".join(text.split()[: POST_MIN_WORDS - 1]))[1] == "input"
+    for text in MID_AT_RISK:
+        verdict = guard.check_input(text)
+        assert verdict.crisis and verdict.category == "classifier"
+    for text in MID_ORDINARY:
+        assert not guard.check_input(text).crisis
+
+
 def test_post_head_threshold_comes_from_the_development_part():
     from safety.classifier import HEADS_FILE
 
     heads = json.loads(HEADS_FILE.read_text())
+    report = heads["cv"]["post"]
     assert len(heads["heads"]["post"]["coef"]) == 2 * 384  # mean and max of MiniLM window embeddings
-    assert heads["cv"]["post"]["cv_recall"] >= 0.93 and heads["cv"]["post"]["crisis_posts"] > 50
+    assert report["cv_recall"] >= 0.93 and report["crisis_posts"] > 50 and report["examples"] > 200
+    # the forecast for unseen posts: thresholds chosen on inner folds only
+    assert report["nested_recall"] >= 0.9 and report["nested_control_flagged"] <= 0.05
 
 
 # --- the stream wrapper --------------------------------------------------------------------
