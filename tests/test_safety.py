@@ -367,6 +367,41 @@ def test_heads_match_examples_file():
     assert heads["examples_sha256"] == examples_digest(), "examples.yaml changed: run `python -m safety fit`"
 
 
+def test_fit_makes_a_post_head_from_posts_of_twenty_words_or_more(tmp_path):
+    """`python -m safety fit` on a small RMHD-shaped file: the post head learns from the development
+    part's posts of 20 words or more only, and reports the nested estimate beside the CV one."""
+    import csv
+
+    from safety.fit import fit
+    from safety.reddit import RMHD_FILE, TEST_POSTS
+
+    at_risk = ("I wrote goodbye letters to my family {i} nights ago and I have decided this is my last week. "
+               "I have stopped eating and I don't want to be here when the month ends, I'm done trying.")
+    ordinary = ["My landlord raised the rent by {i} percent this year and I'm trying to work out whether to move "
+                "or pay off my credit card first. Any advice on budgeting for a small flat in the city?",
+                "Our school is changing the timetable again and I have {i} classes on Monday. How do other "
+                "teachers plan their marking so that weekends stay free? I'd love some practical tips."]
+    path = tmp_path / RMHD_FILE
+    path.parent.mkdir(parents=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["subreddit", "date", "post"])
+        for sub, text, n in (("suicidewatch", at_risk, 12), ("personalfinance", ordinary[0], 15),
+                             ("teaching", ordinary[1], 15)):
+            for i in range(TEST_POSTS):
+                w.writerow([sub, "2019/01/01", "a test-part post, never read by fit"])
+            for i in range(n):
+                w.writerow([sub, "2019/01/01", text.format(i=i + 2)])
+            w.writerow([sub, "2019/01/01", "a short post under twenty words"])  # left to the input head
+    out = tmp_path / "heads.json"
+    fit(out=out, data_root=tmp_path)
+    heads = json.loads(out.read_text())
+    report = heads["cv"]["post"]
+    assert report["posts"] == 12 + 15 + 15 and report["crisis_posts"] == 12 and report["examples"] > 200
+    assert 0 <= report["nested_control_flagged"] <= 1 and report["nested_recall"] >= 0.9  # separable
+    assert len(heads["heads"]["post"]["coef"]) == 2 * 384
+
+
 def test_cli_classify_format():
     lines = [json.dumps({"text": "I want to kill myself"}), "not json", json.dumps({"text": "hello there"})]
     out = subprocess.run([sys.executable, "-m", "safety", "classify", "--stage", "input"], input="\n".join(lines),
