@@ -162,11 +162,12 @@ class EmbeddingClassifier:
         return self.embed(parts) if parts else np.zeros((0, 1), dtype=np.float32)
 
     def scores(self, text: str) -> tuple[float, str]:
-        """(score, head) for a user message: 'input' for one window, 'post' for a long text."""
-        emb = self.window_embeddings(text)
-        if not len(emb):
+        """(score, head) for a user message: 'input' for a short one, 'post' from POST_MIN_WORDS words on."""
+        parts = screen_windows(text)
+        if not parts:
             return 0.0, "input"
-        if "post" in self.heads and is_post(text):
+        emb = self.embed(parts)
+        if "post" in self.heads and is_post(parts):
             coef, intercept, _ = self.heads["post"]
             return float(_sigmoid(post_features(emb) @ coef + intercept)), "post"
         coef, intercept, _ = self.heads["input"]
@@ -186,9 +187,10 @@ def screen_windows(text: str) -> list[str]:
     return parts
 
 
-def is_post(text: str) -> bool:
-    """Whether the post head scores this text: POST_MIN_WORDS words or more."""
-    return len(normalize(text).split()) >= POST_MIN_WORDS
+def is_post(parts: list[str]) -> bool:
+    """Whether the post head scores a text, from its `screen_windows`: POST_MIN_WORDS words or more
+    (a text of more than one window always has)."""
+    return len(parts) > 1 or (bool(parts) and len(parts[0].split()) >= POST_MIN_WORDS)
 
 
 def post_features(window_embeddings: np.ndarray) -> np.ndarray:

@@ -65,8 +65,8 @@ def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXA
     encoder = load_embedder(embedder)
     lexicon = default_lexicon()
 
-    def features(text: str) -> np.ndarray:
-        return post_features(encoder.encode(screen_windows(text), batch_size=32, normalize_embeddings=True))
+    def features(parts: list[str]) -> np.ndarray:
+        return post_features(encoder.encode(parts, batch_size=32, normalize_embeddings=True))
 
     rows, labels, hits = [], [], []
     for sub, texts in posts(data_root, "dev").items():
@@ -74,14 +74,15 @@ def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXA
         if group == "support":
             continue
         for text in texts:
-            if not is_post(text):  # short posts are screened by the input head
+            parts = screen_windows(text)
+            if not is_post(parts):  # short posts are screened by the input head
                 continue
-            rows.append(features(text))
+            rows.append(features(parts))
             labels.append(int(group == "crisis"))
             hits.append(any(h.severity == "high" for h in lexicon.match(text, "input")))
     x, y, hits = np.array(rows), np.array(labels), np.array(hits)
     messages = load_examples(examples, "input")
-    extra = (np.array([features(t) for t, _, _ in messages]), np.array([label for _, label, _ in messages]))
+    extra = (np.array([features(screen_windows(t)) for t, _, _ in messages]), np.array([label for _, label, _ in messages]))
 
     oof = _post_oof(x, y, extra, seed)
     threshold = _recall_threshold(y, oof, hits, TARGET_RECALL["post"])
@@ -138,7 +139,7 @@ def _recall_threshold(labels: np.ndarray, probs: np.ndarray, hits: np.ndarray, t
 def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = DEFAULT_EMBEDDER, seed: int = 0,
         data_root: Path | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.model_selection import cross_val_predict
 
     model = load_embedder(embedder)
     heads, report = {}, {}
@@ -148,8 +149,7 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
         y = np.array([label for _, label, _ in rows])
         x = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
         clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000)
-        folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
-        oof = cross_val_predict(clf, x, y, cv=folds, method="predict_proba")[:, 1]
+        oof = cross_val_predict(clf, x, y, cv=_folds(seed), method="predict_proba")[:, 1]
         lexicon = default_lexicon()
         hits = np.array([any(h.severity == "high" for h in lexicon.match(t, stage)) for t, _, _ in rows])
         threshold = _threshold(y, oof, hits, TARGET_RECALL[stage])
