@@ -4,7 +4,6 @@ real headless Chromium."""
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
@@ -118,30 +117,23 @@ def test_browser_chat_streams_reply(served, browser):
     """)
     box.send_keys("I had a rough day at work and feel drained.")
     browser.find_element(By.ID, "send").click()
-    wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
-    lengths, deadline, stable = [], time.time() + 180, 0
-    while time.time() < deadline and stable < 12:  # done when nothing changed for 3 s
-        now = [n for n in browser.execute_script("return window.__lengths") if n > 1]
-        stable = stable + 1 if now == lengths else 0
-        lengths = now
-        time.sleep(0.25)
+    wait.until(lambda d: [n for n in d.execute_script("return window.__lengths") if n > 1])
+    _wait_until_done(browser)
+    lengths = [n for n in browser.execute_script("return window.__lengths") if n > 1]
     assert lengths and lengths[-1] > 20, "no reply appeared"
     assert len(set(lengths)) > 2, f"the reply did not stream: {lengths}"
     shown = browser.find_elements(By.CSS_SELECTOR, "#chat .bot, #chat [data-testid='bot']")[-1].text
     assert "sorry you're going through this" not in shown  # an ordinary message, an ordinary reply
 
 
-def _wait_until_stable(read, timeout=180, quiet=3.0):
-    """Poll read() until its value has not changed for `quiet` seconds; return the last value."""
-    last, since, deadline = read(), time.time(), time.time() + timeout
-    while time.time() < deadline:
-        time.sleep(0.25)
-        now = read()
-        if now != last:
-            last, since = now, time.time()
-        elif time.time() - since >= quiet:
-            break
-    return last
+def _wait_until_done(browser, timeout=180):
+    """Wait until Gradio's status tracker shows no event pending or generating. A quiet spell is
+    not the end of a reply: text is released a whole checked sentence at a time, and on a busy
+    machine one sentence can take longer than any fixed pause."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    busy = "return !!document.querySelector('.pending, .generating')"
+    WebDriverWait(browser, timeout, poll_frequency=0.25).until(lambda d: not d.execute_script(busy))
 
 
 def test_compare_endpoint_on_the_shipped_adapter(client):
@@ -164,7 +156,8 @@ def test_browser_compare_view_streams_both_answers(served, browser):
     read = lambda: tuple(browser.find_element(By.ID, i).text for i in  # noqa: E731
                          ("compare-base", "compare-base-status", "compare-finetuned", "compare-finetuned-status"))
     wait.until(lambda d: "passed" in read()[1] and "passed" in read()[3])
-    base, base_status, tuned, tuned_status = _wait_until_stable(read)
+    _wait_until_done(browser)
+    base, base_status, tuned, tuned_status = read()
     assert len(base.split()) >= 5 and len(tuned.split()) >= 5 and base != tuned
     assert "safety check" in base_status and "safety check" in tuned_status
 
@@ -181,7 +174,7 @@ def test_browser_renders_html_and_javascript_links_inert(served, browser):
                   '[click me](javascript:window.__xss=3) <a href="javascript:window.__xss=4">link</a>')
     browser.find_element(By.ID, "send").click()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat .bot, #chat [data-testid='bot']")) >= 1)
-    _wait_until_stable(lambda: browser.find_element(By.ID, "chat").text)
+    _wait_until_done(browser)
     for link in browser.find_elements(By.CSS_SELECTOR, "#chat a"):
         link.click() if (link.get_attribute("href") or "").startswith("javascript:") else None
     assert browser.execute_script("return window.__xss") == 0  # nothing ran
