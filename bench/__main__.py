@@ -10,6 +10,9 @@
   each format: bytes of weights read per token over a large array copy's speed;
 - compare: base and fine-tuned answers from one two-row batch against two answers one after the
   other and against one fine-tuned answer, same token counts;
+- the system prompt's kept keys and values (decoder.PREFIXES): every figure with the app's
+  system prompt is taken after a warm-up reply, as in a running app; the time to first token and
+  compare are also given cold, with nothing kept;
 - safety: p50/p95 latency of input and output checks.
 """
 
@@ -82,6 +85,17 @@ def _engine_speed(engine, messages, tokens: int) -> tuple[float, float]:
     total = time.perf_counter() - t
     engine.model.generation_config.min_new_tokens = None
     return tokens / total, first
+
+
+def _cold_first_token(engine, messages) -> float:
+    """Time to first token with no system prompt kept (a fresh app's first reply)."""
+    from chatbot import decoder
+    from chatbot.config import GenerationConfig
+
+    decoder.PREFIXES.clear()
+    t = time.perf_counter()
+    next(iter(engine.stream(messages, GenerationConfig(max_new_tokens=8, temperature=0))))
+    return time.perf_counter() - t
 
 
 def bench_variants(tokens: int) -> dict:
@@ -252,6 +266,7 @@ def bench_decoding(tokens: int) -> dict:
     os.environ.pop("CHATBOT_DECODER")
     short = [{"role": "user", "content": text}]  # no system prompt: about 50 tokens
     _, first_short = _engine_speed(engine, short, 8)
+    first_cold = _cold_first_token(engine, messages)
     bandwidth = memory_bandwidth_gbs()
     out = {"prompt_tokens": len(ids), "short_prompt_tokens": len(engine.prepare(short)[0]), "new_tokens": tokens,
            "format": "int8 weight-only" if type(model.lm_head).__name__ == "Int8Linear" else str(model.dtype),
@@ -259,6 +274,7 @@ def bench_decoding(tokens: int) -> dict:
            "engine_via_generate_tok_s": via_generate, "baseline_decode_tok_s": baseline_rate,
            "engine_decode_tok_s": rate, "decode_ratio_vs_baseline": rate / baseline_rate,
            "ratio_vs_baseline": speed * baseline / tokens, "time_to_first_token_s": first,
+           "time_to_first_token_cold_s": first_cold,
            "time_to_first_token_short_s": first_short, "bandwidth_gb_s": bandwidth}
     for label, m in (("fp32", fp32), ("engine", model)):
         out[f"{label}_mb_per_token"] = bytes_per_token(m) / 1e6
@@ -281,19 +297,30 @@ def bench_compare(tokens: int) -> dict:
     messages = build_messages([], "I feel anxious before every meeting at work. How can I calm down?")
     gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     model.generation_config.min_new_tokens = tokens  # both paths write exactly `tokens` per answer
-    list(engine.stream(messages, GenerationConfig(max_new_tokens=4, temperature=0)))  # warm-up
-    times = {}
-    for adapter in (BASE, name):
+    from chatbot import decoder
+
+    warm = GenerationConfig(max_new_tokens=4, temperature=0)
+    runs = {BASE: lambda g: list(engine.stream(messages, g, adapter=BASE)),
+            name: lambda g: list(engine.stream(messages, g, adapter=name)),
+            "pair": lambda g: list(stream_pair(engine, messages, g, None, (BASE, name)))}
+    for run in runs.values():  # warm-up; each keeps its system prompt, as in a running app
+        run(warm)
+    times, cold = {}, {}
+    for label, run in runs.items():
         t = time.perf_counter()
-        list(engine.stream(messages, gen, adapter=adapter))
-        times[adapter] = time.perf_counter() - t
-    sequential = sum(times.values())
-    t = time.perf_counter()
-    list(stream_pair(engine, messages, gen, None, (BASE, name)))
-    batched = time.perf_counter() - t
+        run(gen)
+        times[label] = time.perf_counter() - t
+    for label in (name, "pair"):
+        decoder.PREFIXES.clear()
+        t = time.perf_counter()
+        runs[label](gen)
+        cold[label] = time.perf_counter() - t
     model.generation_config.min_new_tokens = None
+    sequential, batched = times[BASE] + times[name], times["pair"]
     return {"tokens_per_answer": tokens, "single_fine_tuned_s": times[name], "sequential_s": sequential,
-            "batched_s": batched, "speedup": sequential / batched, "vs_single": batched / times[name]}
+            "batched_s": batched, "speedup": sequential / batched, "vs_single": batched / times[name],
+            "single_fine_tuned_cold_s": cold[name], "batched_cold_s": cold["pair"],
+            "vs_single_cold": cold["pair"] / cold[name]}
 
 
 def bench_safety(n: int = 60) -> dict:
@@ -343,10 +370,11 @@ def main() -> int:
     print(f"| whole reply, shipped adapter hot-swapped | {v['adapter_hot_swapped_tok_s']:.1f} tok/s | plain generate (base) | {v['adapter_hot_swapped_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
     print(f"| whole reply, shipped adapter merged | {v['adapter_merged_tok_s']:.1f} tok/s | plain generate (base) | {v['adapter_merged_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
     print(f"| time to first token, {d['short_prompt_tokens']}-token prompt | {d['time_to_first_token_short_s']:.2f} s | | |")
-    print(f"| time to first token, {d['prompt_tokens']}-token prompt (app's system prompt) | {d['time_to_first_token_s']:.2f} s | | |")
+    print(f"| time to first token, {d['prompt_tokens']}-token prompt (app's system prompt, kept) | {d['time_to_first_token_s']:.2f} s | cold, nothing kept {d['time_to_first_token_cold_s']:.2f} s | {d['time_to_first_token_cold_s'] / d['time_to_first_token_s']:.1f}x sooner |")
     print(f"| output-check stream wrapper, added to decoding time | {v['stream_wrapper_overhead']:+.1%} | same engine without it | |")
     print(f"| compare: two {c['tokens_per_answer']}-token answers, one two-row batch | {c['batched_s']:.1f} s | one after the other {c['sequential_s']:.1f} s | {c['speedup']:.2f}x faster |")
     print(f"| compare: two answers against one | {c['batched_s']:.1f} s | one fine-tuned answer {c['single_fine_tuned_s']:.1f} s | {c['vs_single']:.2f}x the time |")
+    print(f"| compare, cold (nothing kept): two answers against one | {c['batched_cold_s']:.1f} s | one fine-tuned answer {c['single_fine_tuned_cold_s']:.1f} s | {c['vs_single_cold']:.2f}x the time |")
     print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
     for length, t in tr.items():

@@ -80,7 +80,8 @@ def stream_pair(engine, messages: list[dict], gen: GenerationConfig | None, stop
     context = engine.pair_context(tuple(adapters))
     if context is None:
         kwargs["adapter_names"] = names
-    thread, errors = engine.start_generate(kwargs, streamer, gen, stop, adapter=None, context=context)
+    thread, errors = engine.start_generate(kwargs, streamer, gen, stop, adapter=None, context=context,
+                                           shared_prefix=engine.shared_prefix(messages, ids))
     filters = [ThinkFilter(), ThinkFilter()]
     try:
         while (item := out.get()) is not _DONE:

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 
 from .config import GenerationConfig
-from .prompts import fit_to_context
+from .prompts import encode, fit_to_context
 
 BASE = "base"  # adapter name that means: the base model, adapter disabled
 # One generation at a time in the process: sampling draws on torch's process-wide RNG (a seed
@@ -80,6 +80,7 @@ class ChatEngine:
         self.max_input_tokens = min(max_input_tokens, ctx - 64)
         self.lock = GENERATION_LOCK
         self.merged = merged  # an adapter merged into the weights: no base model, no switching
+        self._system_tokens: dict[str, list[int]] = {}  # system prompt -> its leading tokens
 
     @property
     def adapters(self) -> list[str]:
@@ -110,6 +111,22 @@ class ChatEngine:
 
     def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
         return fit_to_context(self.tokenizer, messages, self.max_input_tokens)
+
+    def shared_prefix(self, messages: list[dict], ids: list[int]) -> int:
+        """How many leading tokens of `ids` are the system prompt's part of the chat template, the
+        same in every conversation. The decoder keeps their keys and values between replies
+        (`decoder.PREFIXES`), so a reply's prefill starts at the conversation; no conversation
+        text is ever kept."""
+        if not messages or messages[0].get("role") != "system":
+            return 0
+        system = messages[0]["content"]
+        tokens = self._system_tokens.get(system)
+        if tokens is None:  # the template up to where two different user messages part
+            a, b = (encode(self.tokenizer, [messages[0], {"role": "user", "content": c}]) for c in ("a", "b"))
+            tokens = a[: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))]
+            if len(self._system_tokens) < 8:
+                self._system_tokens[system] = tokens
+        return len(tokens) if ids[: len(tokens)] == tokens else 0
 
     def use_adapter(self, adapter: str | None):
         """Context that runs the model as `adapter` (BASE: adapter off); hold `self.lock` around it."""
@@ -183,10 +200,13 @@ class ChatEngine:
         return kwargs
 
     def start_generate(self, kwargs: dict, streamer, gen: GenerationConfig, stop: threading.Event,
-                       adapter: str | None = None, context=None) -> tuple[threading.Thread, list[BaseException]]:
+                       adapter: str | None = None, context=None,
+                       shared_prefix: int = 0) -> tuple[threading.Thread, list[BaseException]]:
         """Run `generate` in a thread under the lock; errors are collected for the consumer to raise.
 
         `context` (entered under the lock) replaces the adapter selection, e.g. pair_context.
+        `shared_prefix`: leading prompt tokens whose keys and values the decoder may keep and
+        reuse (`shared_prefix()`).
         """
         import torch
 
@@ -206,7 +226,7 @@ class ChatEngine:
                             torch.manual_seed(gen.seed)
                         if not stop.is_set():
                             if decoder.supports(self.model, kwargs):  # the same reply, less overhead
-                                decoder.generate(self.model, streamer=streamer, **kwargs)
+                                decoder.generate(self.model, streamer=streamer, shared_prefix=shared_prefix, **kwargs)
                             else:
                                 self.model.generate(**kwargs, streamer=streamer)
             except BaseException as exc:  # surfaced to the consumer
@@ -233,7 +253,8 @@ class ChatEngine:
         ids, _ = self.prepare(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = self._generate_kwargs(ids, gen, stop)
-        thread, errors = self.start_generate(kwargs, streamer, gen, stop, adapter)
+        thread, errors = self.start_generate(kwargs, streamer, gen, stop, adapter,
+                                             shared_prefix=self.shared_prefix(messages, ids))
         think = ThinkFilter()
         try:
             for delta in streamer:

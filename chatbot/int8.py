@@ -27,13 +27,32 @@ decoding loop (chatbot/decoder.py) reads a group with one kernel call (`stacked`
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import threading
 
 import torch
 from torch import nn
 
 
 PREFILL_ROWS = 32  # from this many rows (prompt tokens x batch) up, de-quantise and use a float GEMM
+_PROMPT = threading.local()
+
+
+@contextlib.contextmanager
+def prompt_path():
+    """Products in this thread take the prompt's float path whatever their row count: a prompt run
+    in parts (chatbot/decoder.py's kept system prefix, then the rest) gets the numbers it would
+    get whole."""
+    _PROMPT.active = True
+    try:
+        yield
+    finally:
+        _PROMPT.active = False
+
+
+def on_prompt_path() -> bool:
+    return getattr(_PROMPT, "active", False)
 BASE_VARIANT = "base"
 
 
@@ -82,7 +101,7 @@ class Int8Linear(nn.Linear):
 
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] < PREFILL_ROWS:  # decoding: the int8 kernel reads a quarter of the bytes
+        if flat.shape[0] < PREFILL_ROWS and not on_prompt_path():  # decoding: the int8 kernel reads a quarter of the bytes
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), weight, scales).to(x.dtype)
         else:  # a prompt: the kernel is compute-bound on AVX2, a float32 GEMM is faster
             y = flat @ (weight.to(x.dtype) * scales.to(x.dtype)[:, None]).t()

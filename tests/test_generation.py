@@ -44,6 +44,28 @@ def test_overlong_single_message_is_cut(tokenizer):
     assert len(ids) <= 256
 
 
+def test_shared_prefix_is_the_system_prompt_and_nothing_of_the_conversation(engine, monkeypatch):
+    """Only the template's system part is kept between replies (decoder.PREFIXES): the same tokens
+    in every conversation, ending where the first user turn begins; no system prompt, nothing kept."""
+    from chatbot import decoder
+
+    tok = engine.tokenizer
+    first = build_messages([], "I feel low today")
+    later = build_messages([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "thanks")
+    ids_first, ids_later = engine.prepare(first)[0], engine.prepare(later)[0]
+    n = engine.shared_prefix(first, ids_first)
+    assert n > 50 and engine.shared_prefix(later, ids_later) == n and ids_first[:n] == ids_later[:n]
+    kept = tok.decode(ids_first[:n])
+    assert SYSTEM_PROMPT in kept and kept.rstrip().endswith("user") and "low" not in kept
+    assert engine.shared_prefix(first[1:], engine.prepare(first[1:])[0]) == 0
+    assert engine.shared_prefix(build_messages([], "x", system_prompt="Be brief."), ids_first) == 0
+
+    seen = []
+    monkeypatch.setattr(decoder, "generate", lambda model, **kw: seen.append(kw["shared_prefix"]))
+    list(engine.stream(first, GenerationConfig(max_new_tokens=2)))
+    assert seen == [n]
+
+
 def test_stream_yields_only_new_text(engine):
     msgs = build_messages([], "hello there")
     deltas = list(engine.stream(msgs, GenerationConfig(max_new_tokens=12, temperature=0)))
