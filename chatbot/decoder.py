@@ -308,18 +308,8 @@ def _rotary_tables(lm, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
-def _forward(lm, layers: list[_Layer], ids: torch.Tensor, start: int, cache: _Cache, cos: torch.Tensor,
-             sin: torch.Tensor) -> torch.Tensor:
-    """Logits of the last position for `ids` at positions start.., extending `cache` in place."""
-    rows, length = ids.shape
-    end = start + length
-    cos, sin = cos[:, None, start:end], sin[:, None, start:end]
-    # several new positions see the cache and each other up to themselves (SDPA's is_causal
-    # aligns to the top left, which is right only from position 0)
-    causal, mask = length > 1 and start == 0, None
-    if length > 1 and start > 0:
-        mask = torch.ones(length, end, dtype=torch.bool).tril_(start)
-    x = lm.model.embed_tokens(ids)
+def _layers(layers: list[_Layer], x, rows, length, start, end, cache: _Cache, cos, sin, causal, mask):
+    """The decoder layers over hidden states `x` (see `_forward`)."""
     for i, layer in enumerate(layers):
         attn = layer.attn
         shape = (rows, length, -1, attn.head_dim)
@@ -344,6 +334,24 @@ def _forward(lm, layers: list[_Layer], ids: torch.Tensor, start: int, cache: _Ca
         x = x + layer.o(o.transpose(1, 2).reshape(rows, length, -1))[0]
         gate, up = layer.gate_up(_rms_norm(x, layer.norm2))
         x = x + layer.down(layer.act(gate) * up)[0]
+    return x
+
+
+def _forward(lm, layers: list[_Layer], ids: torch.Tensor, start: int, cache: _Cache, cos: torch.Tensor,
+             sin: torch.Tensor, prompt_rows: int = 0) -> torch.Tensor:
+    """Logits of the last position for `ids` at positions start.., extending `cache` in place.
+    `prompt_rows`: the rows of the whole prompt when `ids` is a part of it (`_prompt_path`)."""
+    rows, length = ids.shape
+    end = start + length
+    cos, sin = cos[:, None, start:end], sin[:, None, start:end]
+    # several new positions see the cache and each other up to themselves (SDPA's is_causal
+    # aligns to the top left, which is right only from position 0)
+    causal, mask = length > 1 and start == 0, None
+    if length > 1 and start > 0:
+        mask = torch.ones(length, end, dtype=torch.bool).tril_(start)
+    x = lm.model.embed_tokens(ids)
+    with _prompt_path(prompt_rows):  # the layers only: the head sees one row either way
+        x = _layers(layers, x, rows, length, start, end, cache, cos, sin, causal, mask)
     x = _rms_norm(x[:, -1:], lm.model.norm)
     return lm.lm_head(x)[:, -1].float()
 
@@ -364,8 +372,7 @@ def _prefill_prefix(lm, layers, prefix: torch.Tensor, prompt_rows: int, cache: _
     length = prefix.shape[1]
     if key is not None and PREFIXES.restore(lm, key, cache, length):
         return
-    with _prompt_path(prompt_rows):
-        _forward(lm, layers, prefix, 0, cache, cos, sin)
+    _forward(lm, layers, prefix, 0, cache, cos, sin, prompt_rows)
     if key is not None:
         PREFIXES.store(lm, key, cache, length)
 
@@ -402,8 +409,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, streamer=None,
         _prefill_prefix(lm, layers, input_ids[:, :shared_prefix], part, cache, cos, sin)
         step_ids, start = input_ids[:, shared_prefix:], shared_prefix
     for _ in range(max_new_tokens):
-        with _prompt_path(part):
-            logits = _forward(lm, layers, step_ids, start, cache, cos, sin)
+        logits = _forward(lm, layers, step_ids, start, cache, cos, sin, part)
         part = 0
         start += step_ids.shape[1]
         scores = processors(ids, logits)

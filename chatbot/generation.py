@@ -81,6 +81,7 @@ class ChatEngine:
         self.lock = GENERATION_LOCK
         self.merged = merged  # an adapter merged into the weights: no base model, no switching
         self._system_tokens: dict[str, list[int]] = {}  # system prompt -> its leading tokens
+        self._layers: tuple[list, list] | None = None  # (PEFT's adapter layers, the int8 LoRA ones)
 
     @property
     def adapters(self) -> list[str]:
@@ -105,6 +106,7 @@ class ChatEngine:
         with self.lock:
             self.model = attach_adapter(self.model, adapter, name)
             self.model.eval()
+            self._layers = None
             if any(isinstance(m, int8.Int8Linear) for m in self.model.modules()):
                 int8.add_variants(self.model, [name])  # int8 base layers: a merged copy for fast decoding
         return name
@@ -137,14 +139,42 @@ class ChatEngine:
                 raise ValueError(f"No adapter {adapter!r} is loaded; the model runs without adapters.")
             return contextlib.nullcontext()
         if adapter == BASE:
-            return self.model.disable_adapter()  # int8 layers hold the base weights between requests
+            return self._adapters_off()  # int8 layers hold the base weights between requests
         name = adapter or self.model.active_adapter
         if name not in self.model.peft_config:
             raise ValueError(f"Unknown adapter {adapter!r}; loaded: {', '.join(self.adapters)}")
-        self.model.set_adapter(name)
-        if select_variant(self.model, name):
+        if self.model.active_adapter != name:
+            self.model.set_adapter(name)
+        if select_variant(self.model, name, self._peft_layers()[1]):
             return self._merged_variant()
         return contextlib.nullcontext()
+
+    def _peft_layers(self) -> tuple[list, list]:
+        """PEFT's adapter layers and wrappers (what its disable_adapter switches), and the LoRA
+        layers among them on int8 weights; found once per set of loaded adapters, not per reply
+        (walking the model took about 50 ms of every reply's start)."""
+        if self._layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+            from peft.utils.other import AuxiliaryTrainingWrapper
+
+            from .int8 import _int8_lora_layers
+
+            layers = [m for m in self.model.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+            self._layers = (layers, _int8_lora_layers(self.model))
+        return self._layers
+
+    @contextlib.contextmanager
+    def _adapters_off(self):
+        """The base model: what PEFT's disable_adapter does for LoRA (every adapter layer and
+        saved module off, then on again), on the layers found once."""
+        layers = self._peft_layers()[0]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
 
     def pair_context(self, adapters: tuple[str, str]):
         """A context that runs a two-row batch as adapters[0] and adapters[1] from merged int8
@@ -152,18 +182,21 @@ class ChatEngine:
         from .int8 import BASE_VARIANT, select_pair, variant_ready
 
         names = tuple(BASE_VARIANT if a == BASE else a for a in adapters)
-        if not hasattr(self.model, "peft_config") or not all(variant_ready(self.model, n) for n in names):
+        if not hasattr(self.model, "peft_config"):
+            return None
+        layers = self._peft_layers()[1]
+        if not all(variant_ready(self.model, n, layers) for n in names):
             return None
 
         @contextlib.contextmanager
         def run():
-            if not select_pair(self.model, names):
+            if not select_pair(self.model, names, layers):
                 raise RuntimeError(f"Adapters {adapters} are no longer loaded.")
             try:
-                with self.model.disable_adapter():
+                with self._adapters_off():
                     yield
             finally:
-                select_pair(self.model, None)
+                select_pair(self.model, None, layers)
 
         return run()
 
@@ -173,10 +206,10 @@ class ChatEngine:
         from .int8 import BASE_VARIANT, select_variant
 
         try:
-            with self.model.disable_adapter():
+            with self._adapters_off():
                 yield
         finally:
-            select_variant(self.model, BASE_VARIANT)
+            select_variant(self.model, BASE_VARIANT, self._peft_layers()[1])
 
     def _generate_kwargs(self, ids: list[int], gen: GenerationConfig, stop: threading.Event) -> dict:
         import torch

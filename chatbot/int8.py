@@ -176,28 +176,30 @@ def _int8_lora_layers(model: nn.Module) -> list:
     return [layer for layer in _lora_layers(model) if isinstance(layer.get_base_layer(), Int8Linear)]
 
 
-def variant_ready(model: nn.Module, name: str) -> bool:
-    """True if the model can run as `name` from merged int8 copies (always, for the base)."""
-    layers = _int8_lora_layers(model)
+def variant_ready(model: nn.Module, name: str, layers: list | None = None) -> bool:
+    """True if the model can run as `name` from merged int8 copies (always, for the base).
+    `layers`: the model's int8 LoRA layers where the caller keeps them (found otherwise)."""
+    layers = _int8_lora_layers(model) if layers is None else layers
     if name != BASE_VARIANT:
         layers = [layer for layer in layers if name in layer.lora_A]
     return bool(layers) and all(name in layer.get_base_layer().variants for layer in layers)
 
 
-def select_variant(model: nn.Module, name: str) -> bool:
+def select_variant(model: nn.Module, name: str, layers: list | None = None) -> bool:
     """Point every int8 LoRA base layer at adapter `name`'s merged weights (BASE_VARIANT: the base).
 
     True when the model now runs as `name` once its adapter layers are disabled. False when some
     layer the adapter targets has no merged copy (the caller keeps PEFT's adapter layers); the
     base weights are selected then.
     """
-    ready = variant_ready(model, name)
-    for layer in _int8_lora_layers(model):
+    layers = _int8_lora_layers(model) if layers is None else layers
+    ready = variant_ready(model, name, layers)
+    for layer in layers:
         layer.get_base_layer().select(name if ready else BASE_VARIANT)
     return ready
 
 
-def select_pair(model: nn.Module, pair: tuple[str, str] | None) -> bool:
+def select_pair(model: nn.Module, pair: tuple[str, str] | None, layers: list | None = None) -> bool:
     """Run a batch of two rows as two models (row 0 as pair[0], row 1 as pair[1]); None ends it.
 
     One forward pass serves both answers of the compare view: the per-layer Python overhead and
@@ -206,9 +208,10 @@ def select_pair(model: nn.Module, pair: tuple[str, str] | None) -> bool:
     the chat view's merged copy rounds base and adapter together, so the two differ by int8
     rounding (greedy replies can part after some tokens). False (nothing changed) unless both are ready.
     """
-    if pair is not None and not all(variant_ready(model, name) for name in pair):
+    layers = _int8_lora_layers(model) if layers is None else layers
+    if pair is not None and not all(variant_ready(model, name, layers) for name in pair):
         return False
-    for layer in _int8_lora_layers(model):
+    for layer in layers:
         base = layer.get_base_layer()
         base.pair = pair
         # each row's adapter: its own parameters, looked up per compare (no copies are made or kept)
