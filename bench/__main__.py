@@ -284,7 +284,7 @@ def bench_decoding(tokens: int) -> dict:
     return out
 
 
-def bench_compare(tokens: int) -> dict:
+def bench_compare(tokens: int, repeats: int = 3) -> dict:
     from chatbot.compare import stream_pair
     from chatbot.config import DEFAULT_ADAPTER, GenerationConfig, ModelConfig
     from chatbot.generation import BASE, ChatEngine
@@ -305,22 +305,30 @@ def bench_compare(tokens: int) -> dict:
             "pair": lambda g: list(stream_pair(engine, messages, g, None, (BASE, name)))}
     for run in runs.values():  # warm-up; each keeps its system prompt, as in a running app
         run(warm)
-    times, cold = {}, {}
-    for label, run in runs.items():
-        t = time.perf_counter()
-        run(gen)
-        times[label] = time.perf_counter() - t
-    for label in (name, "pair"):
-        decoder.PREFIXES.clear()
+    def timed(label: str, clear: bool) -> float:
+        if clear:
+            decoder.PREFIXES.clear()
         t = time.perf_counter()
         runs[label](gen)
-        cold[label] = time.perf_counter() - t
+        return time.perf_counter() - t
+
+    # the median of three of each, interleaved, so that a slow moment on a shared machine
+    # does not land on one side only
+    times = {label: [] for label in runs}
+    cold = {name: [], "pair": []}
+    for _ in range(repeats):
+        for label in runs:
+            times[label].append(timed(label, clear=False))
+        for label in cold:
+            cold[label].append(timed(label, clear=True))
+    times = {label: statistics.median(v) for label, v in times.items()}
+    cold = {label: statistics.median(v) for label, v in cold.items()}
     model.generation_config.min_new_tokens = None
     sequential, batched = times[BASE] + times[name], times["pair"]
     return {"tokens_per_answer": tokens, "single_fine_tuned_s": times[name], "sequential_s": sequential,
             "batched_s": batched, "speedup": sequential / batched, "vs_single": batched / times[name],
             "single_fine_tuned_cold_s": cold[name], "batched_cold_s": cold["pair"],
-            "vs_single_cold": cold["pair"] / cold[name]}
+            "vs_single_cold": cold["pair"] / cold[name], "repeats": repeats}
 
 
 def bench_safety(n: int = 60) -> dict:
@@ -373,8 +381,8 @@ def main() -> int:
     print(f"| time to first token, {d['prompt_tokens']}-token prompt (app's system prompt, kept) | {d['time_to_first_token_s']:.2f} s | cold, nothing kept {d['time_to_first_token_cold_s']:.2f} s | {d['time_to_first_token_cold_s'] / d['time_to_first_token_s']:.1f}x sooner |")
     print(f"| output-check stream wrapper, added to decoding time | {v['stream_wrapper_overhead']:+.1%} | same engine without it | |")
     print(f"| compare: two {c['tokens_per_answer']}-token answers, one two-row batch | {c['batched_s']:.1f} s | one after the other {c['sequential_s']:.1f} s | {c['speedup']:.2f}x faster |")
-    print(f"| compare: two answers against one | {c['batched_s']:.1f} s | one fine-tuned answer {c['single_fine_tuned_s']:.1f} s | {c['vs_single']:.2f}x the time |")
-    print(f"| compare, cold (nothing kept): two answers against one | {c['batched_cold_s']:.1f} s | one fine-tuned answer {c['single_fine_tuned_cold_s']:.1f} s | {c['vs_single_cold']:.2f}x the time |")
+    print(f"| compare: two answers against one (median of {c['repeats']}) | {c['batched_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_s']:.2f} s | {c['vs_single']:.2f}x the time |")
+    print(f"| compare, cold (nothing kept): two answers against one (median of {c['repeats']}) | {c['batched_cold_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_cold_s']:.2f} s | {c['vs_single_cold']:.2f}x the time |")
     print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
     for length, t in tr.items():
