@@ -312,13 +312,15 @@ def bench_compare(tokens: int, repeats: int = 3) -> dict:
         runs[label](gen)
         return time.perf_counter() - t
 
-    # the median of three of each, interleaved, so that a slow moment on a shared machine
-    # does not land on one side only
+    # the median of three of each, interleaved, so that a slow moment on a shared machine does
+    # not land on one side only; every warm run before the first cold one (a cold run empties
+    # what the warm ones reuse)
     times = {label: [] for label in runs}
     cold = {name: [], "pair": []}
     for _ in range(repeats):
         for label in runs:
             times[label].append(timed(label, clear=False))
+    for _ in range(repeats):
         for label in cold:
             cold[label].append(timed(label, clear=True))
     times = {label: statistics.median(v) for label, v in times.items()}
