@@ -122,26 +122,34 @@ class _Cache:
         self.values = [torch.empty(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
 
 
-def _tensor_identity(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else (t.data_ptr(), t._version, tuple(t.shape))
+def _tensor_identity(t: torch.Tensor | None, held: list) -> tuple | None:
+    """Address, in-place version and shape; `held` keeps the tensor alive with the entry, so no
+    other tensor can take its address while the entry exists."""
+    if t is None:
+        return None
+    held.append(t)
+    return t.data_ptr(), t._version, tuple(t.shape)
 
 
-def _module_identity(module) -> tuple:
+def _module_identity(module, held: list) -> tuple:
     """The tensors a projection computes with now: its selected int8 variant or pair, or a PEFT
     layer's active adapters (weights and scaling) on its base."""
-    ids = [type(module).__name__, id(module), _tensor_identity(module.weight), _tensor_identity(getattr(module, "bias", None))]
+    held.append(module)
+    ids = [type(module).__name__, id(module), _tensor_identity(module.weight, held),
+           _tensor_identity(getattr(module, "bias", None), held)]
     if hasattr(module, "scales"):  # Int8Linear
-        ids += [_tensor_identity(module.scales), module.pair]
-        ids += [None if lora is None else (_tensor_identity(lora[0]), _tensor_identity(lora[1]), lora[2])
+        ids += [_tensor_identity(module.scales, held), module.pair]
+        ids += [None if lora is None else (_tensor_identity(lora[0], held), _tensor_identity(lora[1], held), lora[2])
                 for lora in module.pair_loras]
     if hasattr(module, "lora_A"):  # a PEFT LoRA layer that adds its adapters
-        ids += [_module_identity(module.get_base_layer()), module.merged, module.disable_adapters]
+        ids += [_module_identity(module.get_base_layer(), held), module.merged, module.disable_adapters]
         for name in module.active_adapters:
             if name in module.lora_A:
-                ids += [name, module.scaling[name], _tensor_identity(module.lora_A[name].weight),
-                        _tensor_identity(module.lora_B[name].weight), module.use_dora.get(name, False)]
-                if module.use_dora.get(name, False):
-                    ids.append(_tensor_identity(module.lora_magnitude_vector[name].weight))
+                dora = module.use_dora.get(name, False)
+                ids += [name, module.scaling[name], _tensor_identity(module.lora_A[name].weight, held),
+                        _tensor_identity(module.lora_B[name].weight, held), dora]
+                if dora:
+                    ids.append(_tensor_identity(module.lora_magnitude_vector[name].weight, held))
     return tuple(ids)
 
 
@@ -163,20 +171,21 @@ class _Prefixes:
         self.models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @staticmethod
-    def identity(lm, layers: list[_Layer]) -> tuple | None:
-        """What the prefix's keys and values depend on, or None where it cannot be told: the
-        embedding, and per layer its norms and the modules that run (see `_module_identity`)."""
+    def identity(lm, layers: list[_Layer]) -> tuple[tuple, list] | None:
+        """What the prefix's keys and values depend on, and the objects it names (kept with the
+        entry), or None where it cannot be told: the embedding, and per layer its norms and the
+        modules that run (see `_module_identity`)."""
+        held: list = []
         try:
-            parts = [_tensor_identity(lm.model.embed_tokens.weight)]
+            parts = [_tensor_identity(lm.model.embed_tokens.weight, held)]
             for layer in layers:
-                parts += [_tensor_identity(layer.norm1.weight), _tensor_identity(layer.norm2.weight)]
-                if layer.qk_norm:
-                    parts += [_tensor_identity(n.weight) for n in layer.qk_norm]
+                norms = [layer.norm1, layer.norm2, *(layer.qk_norm or ())]
+                parts += [_tensor_identity(n.weight, held) for n in norms]
                 for group in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                    parts += [_module_identity(m) for m in group.modules]
+                    parts += [_module_identity(m, held) for m in group.modules]
         except RuntimeError:  # inference tensors keep no version counter
             return None
-        return tuple(parts)
+        return tuple(parts), held
 
     def restore(self, lm, key: tuple, cache: _Cache, length: int) -> bool:
         entries = self.models.get(lm)
@@ -184,13 +193,13 @@ class _Prefixes:
         if found is None:
             return False
         entries.move_to_end(key)
-        for dst, src in zip(cache.keys + cache.values, found):
+        for dst, src in zip(cache.keys + cache.values, found[0]):
             dst[:, :, :length] = src
         return True
 
-    def store(self, lm, key: tuple, cache: _Cache, length: int) -> None:
+    def store(self, lm, key: tuple, held: list, cache: _Cache, length: int) -> None:
         entries = self.models.setdefault(lm, OrderedDict())
-        entries[key] = [t[:, :, :length].clone() for t in cache.keys + cache.values]
+        entries[key] = ([t[:, :, :length].clone() for t in cache.keys + cache.values], held)
         while len(entries) > self.SIZE:
             entries.popitem(last=False)
 
@@ -368,13 +377,13 @@ def _prompt_path(prompt_rows: int):
 def _prefill_prefix(lm, layers, prefix: torch.Tensor, prompt_rows: int, cache: _Cache, cos, sin) -> None:
     """Fill `cache` with `prefix`'s keys and values, from PREFIXES or computed (and then kept)."""
     identity = PREFIXES.identity(lm, layers)
-    key = None if identity is None else (identity, tuple(prefix.shape), tuple(prefix.flatten().tolist()))
+    key = None if identity is None else (identity[0], tuple(prefix.shape), tuple(prefix.flatten().tolist()))
     length = prefix.shape[1]
     if key is not None and PREFIXES.restore(lm, key, cache, length):
         return
     _forward(lm, layers, prefix, 0, cache, cos, sin, prompt_rows)
     if key is not None:
-        PREFIXES.store(lm, key, cache, length)
+        PREFIXES.store(lm, key, identity[1], cache, length)
 
 
 @torch.inference_mode()
