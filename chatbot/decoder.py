@@ -35,6 +35,7 @@ sliding-window attention, CUDA) goes to `model.generate`. CHATBOT_DECODER=transf
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from collections import OrderedDict
@@ -317,35 +318,6 @@ def _rotary_tables(lm, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
 
 
-def _layers(layers: list[_Layer], x, rows, length, start, end, cache: _Cache, cos, sin, causal, mask):
-    """The decoder layers over hidden states `x` (see `_forward`)."""
-    for i, layer in enumerate(layers):
-        attn = layer.attn
-        shape = (rows, length, -1, attn.head_dim)
-        q, k, v = layer.qkv(_rms_norm(x, layer.norm1))
-        q, k, v = q.view(shape), k.view(shape), v.view(shape)
-        heads = q.shape[2]
-        if layer.qk_norm:  # Qwen3
-            q, k = layer.qk_norm[0](q), layer.qk_norm[1](k)
-            q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
-        elif k.data_ptr() == q.data_ptr() + q[0, 0].numel() * q.element_size() and k.stride() == q.stride():
-            # q and k sit side by side in one stacked product: rotate both in one pass
-            qk = q.as_strided((rows, length, heads + k.shape[2], attn.head_dim), q.stride())
-            qk = _rotate(qk.transpose(1, 2), cos, sin)
-            q, k = qk[:, :heads], qk[:, heads:]
-        else:
-            q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
-        keys, values = cache.keys[i], cache.values[i]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v.transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
-                                           is_causal=causal, scale=attn.scaling, enable_gqa=True)
-        x = x + layer.o(o.transpose(1, 2).reshape(rows, length, -1))[0]
-        gate, up = layer.gate_up(_rms_norm(x, layer.norm2))
-        x = x + layer.down(layer.act(gate) * up)[0]
-    return x
-
-
 def _forward(lm, layers: list[_Layer], ids: torch.Tensor, start: int, cache: _Cache, cos: torch.Tensor,
              sin: torch.Tensor, prompt_rows: int = 0) -> torch.Tensor:
     """Logits of the last position for `ids` at positions start.., extending `cache` in place.
@@ -360,15 +332,36 @@ def _forward(lm, layers: list[_Layer], ids: torch.Tensor, start: int, cache: _Ca
         mask = torch.ones(length, end, dtype=torch.bool).tril_(start)
     x = lm.model.embed_tokens(ids)
     with _prompt_path(prompt_rows):  # the layers only: the head sees one row either way
-        x = _layers(layers, x, rows, length, start, end, cache, cos, sin, causal, mask)
+        for i, layer in enumerate(layers):
+            attn = layer.attn
+            shape = (rows, length, -1, attn.head_dim)
+            q, k, v = layer.qkv(_rms_norm(x, layer.norm1))
+            q, k, v = q.view(shape), k.view(shape), v.view(shape)
+            heads = q.shape[2]
+            if layer.qk_norm:  # Qwen3
+                q, k = layer.qk_norm[0](q), layer.qk_norm[1](k)
+                q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
+            elif k.data_ptr() == q.data_ptr() + q[0, 0].numel() * q.element_size() and k.stride() == q.stride():
+                # q and k sit side by side in one stacked product: rotate both in one pass
+                qk = q.as_strided((rows, length, heads + k.shape[2], attn.head_dim), q.stride())
+                qk = _rotate(qk.transpose(1, 2), cos, sin)
+                q, k = qk[:, :heads], qk[:, heads:]
+            else:
+                q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
+            keys, values = cache.keys[i], cache.values[i]
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v.transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                               is_causal=causal, scale=attn.scaling, enable_gqa=True)
+            x = x + layer.o(o.transpose(1, 2).reshape(rows, length, -1))[0]
+            gate, up = layer.gate_up(_rms_norm(x, layer.norm2))
+            x = x + layer.down(layer.act(gate) * up)[0]
     x = _rms_norm(x[:, -1:], lm.model.norm)
     return lm.lm_head(x)[:, -1].float()
 
 
 def _prompt_path(prompt_rows: int):
     """A part of a prompt takes the path (float or int8 kernel) the whole prompt would."""
-    import contextlib
-
     from . import int8
 
     return int8.prompt_path() if prompt_rows >= int8.PREFILL_ROWS else contextlib.nullcontext()
