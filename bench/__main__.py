@@ -285,6 +285,7 @@ def bench_decoding(tokens: int) -> dict:
 
 
 def bench_compare(tokens: int, repeats: int = 3) -> dict:
+    from chatbot import decoder
     from chatbot.compare import stream_pair
     from chatbot.config import DEFAULT_ADAPTER, GenerationConfig, ModelConfig
     from chatbot.generation import BASE, ChatEngine
@@ -297,14 +298,13 @@ def bench_compare(tokens: int, repeats: int = 3) -> dict:
     messages = build_messages([], "I feel anxious before every meeting at work. How can I calm down?")
     gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     model.generation_config.min_new_tokens = tokens  # both paths write exactly `tokens` per answer
-    from chatbot import decoder
-
     warm = GenerationConfig(max_new_tokens=4, temperature=0)
     runs = {BASE: lambda g: list(engine.stream(messages, g, adapter=BASE)),
             name: lambda g: list(engine.stream(messages, g, adapter=name)),
             "pair": lambda g: list(stream_pair(engine, messages, g, None, (BASE, name)))}
     for run in runs.values():  # warm-up; each keeps its system prompt, as in a running app
         run(warm)
+
     def timed(label: str, clear: bool) -> float:
         if clear:
             decoder.PREFIXES.clear()

@@ -232,7 +232,7 @@ class _Group:
     Int8Linear, one bfloat16 copy of the input feeds the int8 kernel directly, in one call for the
     whole group where their weights are stacked (`int8.pack_groups`). In the compare view's pair
     mode both rows share that call on the base weights, and each row adds its adapter's LoRA
-    product as `Int8Linear.forward` does."""
+    products for the whole group in one low-rank product (`_row_lora`)."""
 
     def __init__(self, modules):
         from . import int8

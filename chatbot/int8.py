@@ -53,6 +53,8 @@ def prompt_path():
 
 def on_prompt_path() -> bool:
     return getattr(_PROMPT, "active", False)
+
+
 BASE_VARIANT = "base"
 
 
@@ -101,7 +103,7 @@ class Int8Linear(nn.Linear):
 
     def _matmul(self, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] < PREFILL_ROWS and not on_prompt_path():  # decoding: the int8 kernel reads a quarter of the bytes
+        if flat.shape[0] < PREFILL_ROWS and not on_prompt_path():  # decoding: a quarter of the bytes
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), weight, scales).to(x.dtype)
         else:  # a prompt: the kernel is compute-bound on AVX2, a float32 GEMM is faster
             y = flat @ (weight.to(x.dtype) * scales.to(x.dtype)[:, None]).t()

@@ -56,13 +56,15 @@ def _threshold(labels: np.ndarray, probs: np.ndarray, lexicon_hits: np.ndarray, 
     return best[0] if best else 0.95
 
 
-def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXAMPLES_FILE) -> tuple[dict, dict]:
+def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXAMPLES_FILE,
+             encoder=None) -> tuple[dict, dict]:
     """The post head and its cross-validated report, from the RMHD development part and the
-    examples file's input messages (which teach it that sadness and questions are not risk)."""
+    examples file's input messages (which teach it that sadness and questions are not risk).
+    `encoder`: the embedder already loaded by `fit` (loaded here otherwise)."""
     from .classifier import is_post, post_features, screen_windows
     from .reddit import group_of, posts
 
-    encoder = load_embedder(embedder)
+    encoder = load_embedder(embedder) if encoder is None else encoder
     lexicon = default_lexicon()
 
     def features(parts: list[str]) -> np.ndarray:
@@ -166,7 +168,7 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
 
     old = json.loads(Path(out).read_text()) if Path(out).is_file() else {"heads": {}, "cv": {}}
     if data_root is not None and (Path(data_root) / RMHD_FILE).is_file():
-        heads["post"], report["post"] = fit_post(Path(data_root), embedder, seed, examples)
+        heads["post"], report["post"] = fit_post(Path(data_root), embedder, seed, examples, encoder=model)
     elif "post" in old["heads"]:
         heads["post"], report["post"] = old["heads"]["post"], old["cv"].get("post", {})
         print(f"note: {data_root}/{RMHD_FILE} not found; the post head is kept as it was")
