@@ -4,8 +4,9 @@
 
 Sets: the project's own held-out test set (data/testset.yaml), XSTest's safe prompts, the Reddit
 Mental Health Dataset sample's test part (r/SuicideWatch against control and support subreddits,
-post level; safety/reddit.py)
-and the C-SSRS Reddit set (recall by severity, user level). Only aggregate figures are printed.
+post level; safety/reddit.py),
+the C-SSRS Reddit set (recall by severity, user level) and counsel-chat's test-split questions
+(ordinary requests for help: how many are flagged). Only aggregate figures are printed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from .counsel import COUNSEL_FILE, counsel_root, questions
 from .guard import ConversationState, Guard
 from .reddit import CRISIS_SUBREDDIT, group_of, posts
 
@@ -96,6 +98,17 @@ def rmhd(guard: Guard, root: Path, per_subreddit: int | None = None) -> dict:
     }
 
 
+def counsel_chat(guard: Guard, root: Path, split: str = "test") -> dict:
+    """counsel-chat's questions of a split (people asking a therapist for help): how many are
+    flagged, the title and the text apart; those that disclose risk (data/counsel_risk.yaml) apart."""
+    qs = questions(root, split)
+    out: dict = {"split": split, "n_questions": len(qs), "n_risk": sum(q["risk"] for q in qs)}
+    for field in ("title", "text"):
+        for risk, key in ((False, "flagged"), (True, "risk_flagged")):
+            out[f"{field}_{key}"] = _rate(_flags(guard, [q[field] for q in qs if q["risk"] == risk and q[field]]))
+    return out
+
+
 def cssrs(guard: Guard, root: Path) -> dict:
     csv.field_size_limit(sys.maxsize)
     with open(root / "cssrs-reddit-500" / "500_Reddit_users_posts_labels.csv", newline="", encoding="utf-8") as f:
@@ -133,6 +146,8 @@ def run(data_root: Path | None, per_subreddit: int | None = None, guard: Guard |
         result["xstest"] = xstest(guard, root)
         result["rmhd"] = rmhd(guard, root, per_subreddit)
         result["cssrs"] = cssrs(guard, root)
+        if (counsel_root(root) / COUNSEL_FILE).is_file():
+            result["counsel_chat"] = counsel_chat(guard, counsel_root(root))
     return result
 
 
@@ -155,6 +170,11 @@ def report(result: dict, title: str = "Own held-out test set") -> str:
         c = result["cssrs"]
         parts = ", ".join(f"{k} {v:.3f} (n={c['n_users'][k]})" for k, v in sorted(c["flagged_by_label"].items()))
         lines.append(f"C-SSRS users flagged by label: {parts}")
+    if "counsel_chat" in result:
+        c = result["counsel_chat"]
+        lines.append(f"counsel-chat questions ({c['split']} split, {c['n_questions'] - c['n_risk']} without risk) flagged: "
+                     f"title {c['title_flagged']:.3f}, text {c['text_flagged']:.3f}; the {c['n_risk']} that disclose "
+                     f"risk: title {c['title_risk_flagged']:.3f}, text {c['text_risk_flagged']:.3f}")
     return "\n".join(lines)
 
 

@@ -7,14 +7,16 @@
   sample (safety/reddit.py: each subreddit's posts after the first 130), r/SuicideWatch posts
   against the control subreddits, those of POST_MIN_WORDS words or more only; plus the input
   messages of data/examples.yaml, so that a chat message about sadness or a question about
-  suicide is not scored as a Reddit crisis post. Support-group posts are left out of the fit:
-  many of them voice the same thoughts as r/SuicideWatch, and teaching the head that they are
-  not risk would cost recall where it matters.
+  suicide is not scored as a Reddit crisis post; and the long questions of counsel-chat's train
+  split (safety/counsel.py; those in data/counsel_risk.yaml left out) as ordinary requests for
+  help, at COUNSEL_WEIGHT. Support-group posts are left out of the fit: many of them voice the
+  same thoughts as r/SuicideWatch, and teaching the head that they are not risk would cost recall
+  where it matters.
 
 Each threshold is chosen on out-of-fold predictions (5-fold cross-validation over the development
 data), combined with the lexicon's high-severity hits as the guard combines them. The reported
-sets (testset.yaml, XSTest, C-SSRS and the RMHD test part) are never read here. Without the
-Reddit data the post head in heads.json is kept as it is.
+sets (testset.yaml, XSTest, C-SSRS, the RMHD test part, counsel-chat's val and test splits) are
+never read here. Without the Reddit data the post head in heads.json is kept as it is.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ from .normalize import normalize
 TARGET_RECALL = {"input": 0.97, "output": None, "post": 0.93}
 C = 16.0
 POST_C = 1.0
+# counsel-chat's questions in the post head, each at a fifth of a post's weight. On the development
+# data (counsel-chat's val split, RMHD's development part, nested) the weights 0 / 0.1 / 0.2 / 0.3 /
+# 0.5 / 1 flagged 19 / 13 / 12 / 11 / 9 / 8% of ordinary questions and 3.8 / 4.2 / 4.2 / 4.4 / 5.2 /
+# 5.5% of control posts: 0.2 halves the first and keeps the second well inside its 5% target.
+COUNSEL_WEIGHT = 0.2
 
 
 def _threshold(labels: np.ndarray, probs: np.ndarray, lexicon_hits: np.ndarray, target: float | None) -> float:
@@ -57,9 +64,10 @@ def _threshold(labels: np.ndarray, probs: np.ndarray, lexicon_hits: np.ndarray, 
 
 
 def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXAMPLES_FILE,
-             encoder=None) -> tuple[dict, dict]:
+             encoder=None, ordinary: list[str] = ()) -> tuple[dict, dict]:
     """The post head and its cross-validated report, from the RMHD development part and the
-    examples file's input messages (which teach it that sadness and questions are not risk).
+    examples file's input messages (which teach it that sadness and questions are not risk), plus
+    `ordinary`: long messages that are not a crisis (counsel-chat's train questions).
     `encoder`: the embedder already loaded by `fit` (loaded here otherwise)."""
     from .classifier import is_post, post_features, screen_windows
     from .reddit import group_of, posts
@@ -83,8 +91,10 @@ def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXA
             labels.append(int(group == "crisis"))
             hits.append(any(h.severity == "high" for h in lexicon.match(text, "input")))
     x, y, hits = np.array(rows), np.array(labels), np.array(hits)
-    messages = load_examples(examples, "input")
-    extra = (np.array([features(screen_windows(t)) for t, _, _ in messages]), np.array([label for _, label, _ in messages]))
+    messages = [(t, label, 1.0) for t, label, _ in load_examples(examples, "input")]
+    messages += [(t, 0, COUNSEL_WEIGHT) for t in ordinary]
+    extra = tuple(np.array(column) for column in zip(*[(features(screen_windows(t)), label, weight)
+                                                       for t, label, weight in messages]))
 
     oof = _post_oof(x, y, extra, seed)
     threshold = _recall_threshold(y, oof, hits, TARGET_RECALL["post"])
@@ -97,7 +107,8 @@ def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXA
         inner = _post_oof(x[train], y[train], extra, seed + 1)
         t = _recall_threshold(y[train], inner, hits[train], TARGET_RECALL["post"])
         nested[test] = hits[test] | (_post_model(x[train], y[train], extra).predict_proba(x[test])[:, 1] >= t)
-    report = {"posts": len(y), "crisis_posts": int(y.sum()), "examples": len(extra[1]),
+    report = {"posts": len(y), "crisis_posts": int(y.sum()), "examples": len(extra[1]) - len(ordinary),
+              "counsel_questions": len(ordinary),
               "lexicon_recall": round(float(hits[y == 1].mean()), 4),
               "cv_recall": round(float(pred[y == 1].mean()), 4),
               "cv_control_flagged": round(float(pred[y == 0].mean()), 4),
@@ -113,15 +124,20 @@ def _folds(seed: int):
     return StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
 
 
-def _post_model(x: np.ndarray, y: np.ndarray, extra: tuple[np.ndarray, np.ndarray]):
-    """Logistic regression on posts plus the example messages, each class weighted to balance."""
+def _post_model(x: np.ndarray, y: np.ndarray, extra: tuple[np.ndarray, np.ndarray, np.ndarray]):
+    """Logistic regression on posts plus the extra messages (features, labels, weights), the two
+    classes weighted to balance."""
     from sklearn.linear_model import LogisticRegression
 
-    model = LogisticRegression(C=POST_C, class_weight="balanced", max_iter=3000)
-    return model.fit(np.vstack([x, extra[0]]), np.concatenate([y, extra[1]]))
+    labels = np.concatenate([y, extra[1]])
+    weights = np.concatenate([np.ones(len(y)), extra[2]])
+    for c in (0, 1):
+        weights[labels == c] *= len(labels) / (2 * weights[labels == c].sum())
+    model = LogisticRegression(C=POST_C, max_iter=3000)
+    return model.fit(np.vstack([x, extra[0]]), labels, sample_weight=weights)
 
 
-def _post_oof(x: np.ndarray, y: np.ndarray, extra: tuple[np.ndarray, np.ndarray], seed: int) -> np.ndarray:
+def _post_oof(x: np.ndarray, y: np.ndarray, extra: tuple[np.ndarray, np.ndarray, np.ndarray], seed: int) -> np.ndarray:
     """Out-of-fold scores of the posts (the examples are in every training fold)."""
     oof = np.zeros(len(y))
     for train, test in _folds(seed).split(x, y):
@@ -142,6 +158,10 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
         data_root: Path | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
+
+    from .classifier import is_post, screen_windows
+    from .counsel import COUNSEL_FILE, counsel_root, safe_messages
+    from .reddit import RMHD_FILE
 
     model = load_embedder(embedder)
     heads, report = {}, {}
@@ -164,11 +184,20 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
             "cv_false_positive_rate": round(float(pred[y == 0].mean()), 4),
         }
         heads[stage] = {"coef": clf.coef_[0].round(6).tolist(), "intercept": float(clf.intercept_[0]), "threshold": threshold}
-    from .reddit import RMHD_FILE
 
     old = json.loads(Path(out).read_text()) if Path(out).is_file() else {"heads": {}, "cv": {}}
     if data_root is not None and (Path(data_root) / RMHD_FILE).is_file():
-        heads["post"], report["post"] = fit_post(Path(data_root), embedder, seed, examples, encoder=model)
+        # counsel-chat's train questions without risk, those the post head reads. The input head
+        # is left without the short ones: at any weight tried they made it read every mention of
+        # death as a crisis (development set: 7 of 109 safe short messages flagged, 10 at a tenth
+        # of the weight, 14 at 0.3, 19 at full weight), and they were seldom flagged before (1 of 75).
+        ordinary = []
+        if (counsel_root(data_root) / COUNSEL_FILE).is_file():
+            ordinary = [t for t in safe_messages(counsel_root(data_root), "train") if is_post(screen_windows(t))]
+        else:
+            print(f"note: {counsel_root(data_root) / COUNSEL_FILE} not found; the post head is fitted without it")
+        heads["post"], report["post"] = fit_post(Path(data_root), embedder, seed, examples, encoder=model,
+                                                 ordinary=ordinary)
     elif "post" in old["heads"]:
         heads["post"], report["post"] = old["heads"]["post"], old["cv"].get("post", {})
         print(f"note: {data_root}/{RMHD_FILE} not found; the post head is kept as it was")

@@ -367,9 +367,40 @@ def test_heads_match_examples_file():
     assert heads["examples_sha256"] == examples_digest(), "examples.yaml changed: run `python -m safety fit`"
 
 
+def _write_counsel_chat(root, rows):
+    """A counsel-chat-shaped CSV: one row per answer, so a question can repeat."""
+    import csv
+
+    from safety.counsel import COUNSEL_FILE
+
+    path = root / COUNSEL_FILE
+    path.parent.mkdir(parents=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["", "questionID", "questionTitle", "questionText", "topic", "answerText", "split"])
+        for i, (qid, title, text, split) in enumerate(rows):
+            w.writerow([i, qid, title, text, "relationships", "an answer", split])
+
+
+def test_counsel_chat_questions_once_each_with_risk_kept_apart(tmp_path):
+    from safety.counsel import questions, safe_messages
+
+    long_text = "My partner and I argue every week about chores and money, and I'd like to learn how to talk it through calmly."
+    _write_counsel_chat(tmp_path, [(1, "How do we stop arguing?", long_text, "train"),
+                                   (1, "How do we stop arguing?", long_text, "train"),  # a second answer
+                                   (0, "a question listed in counsel_risk.yaml", "its text", "train"),
+                                   (2, "a val question", "its text", "val")])
+    train = questions(tmp_path, "train")
+    assert [(q["id"], q["risk"]) for q in train] == [(1, False), (0, True)]
+    assert safe_messages(tmp_path, "train") == ["How do we stop arguing?", long_text]
+    assert [q["id"] for q in questions(tmp_path, "val")] == [2]
+
+
 def test_fit_makes_a_post_head_from_posts_of_twenty_words_or_more(tmp_path):
     """`python -m safety fit` on a small RMHD-shaped file: the post head learns from the development
-    part's posts of 20 words or more only, and reports the nested estimate beside the CV one."""
+    part's posts of 20 words or more only, and reports the nested estimate beside the CV one. The
+    long counsel-chat train questions without risk join it as ordinary texts; titles, risk
+    questions and other splits do not."""
     import csv
 
     from safety.fit import fit
@@ -381,7 +412,8 @@ def test_fit_makes_a_post_head_from_posts_of_twenty_words_or_more(tmp_path):
                 "or pay off my credit card first. Any advice on budgeting for a small flat in the city?",
                 "Our school is changing the timetable again and I have {i} classes on Monday. How do other "
                 "teachers plan their marking so that weekends stay free? I'd love some practical tips."]
-    path = tmp_path / RMHD_FILE
+    data = tmp_path / "eval"
+    path = data / RMHD_FILE
     path.parent.mkdir(parents=True)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -393,11 +425,19 @@ def test_fit_makes_a_post_head_from_posts_of_twenty_words_or_more(tmp_path):
             for i in range(n):
                 w.writerow([sub, "2019/01/01", text.format(i=i + 2)])
             w.writerow([sub, "2019/01/01", "a short post under twenty words"])  # left to the input head
+    request = ("My sister and I have not spoken since the wedding {i} months ago and I miss her. How do I start "
+               "a conversation without it turning into the same argument again?")
+    _write_counsel_chat(tmp_path, [(1000 + i, "How do I make up with my sister?", request.format(i=i), "train")
+                                   for i in range(3)]
+                        + [(0, "listed in counsel_risk.yaml", request.format(i=9), "train"),
+                           (2000, "a val question", request.format(i=8), "val"),
+                           (1003, "a short question", "How do I say sorry?", "train")])
     out = tmp_path / "heads.json"
-    fit(out=out, data_root=tmp_path)
+    fit(out=out, data_root=data)
     heads = json.loads(out.read_text())
     report = heads["cv"]["post"]
     assert report["posts"] == 12 + 15 + 15 and report["crisis_posts"] == 12 and report["examples"] > 200
+    assert report["counsel_questions"] == 3
     assert 0 <= report["nested_control_flagged"] <= 1 and report["nested_recall"] >= 0.9  # separable
     assert len(heads["heads"]["post"]["coef"]) == 2 * 384
 
