@@ -24,10 +24,12 @@ RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
 
 COPY --chown=1000:1000 . .
 USER 1000
-# Convert the built-in model and export the safety embedder to ONNX once at build time:
+# Convert the built-in model, export the safety embedder and the chat model (base and shipped
+# adapter) to ONNX once at build time:
 # the container then starts in seconds.
 RUN python -c "from chatbot.loading import convert_default_model; convert_default_model()" \
-    && python -c "from safety.classifier import load_embedder; load_embedder()"
+    && python -c "from safety.classifier import load_embedder; load_embedder()" \
+    && python -c "from chatbot.config import DEFAULT_ADAPTER, ModelConfig; from chatbot.loading import load_onnx; load_onnx(ModelConfig(adapter=str(DEFAULT_ADAPTER)))"
 
 EXPOSE 7860
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LoRA adapter folder or Hub id, or 'none' (env CHATBOT_ADAPTER)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=_env("QUANTIZE", "auto"),
                    help="auto: 4-bit NF4 on CUDA, int8 weight-only on CPU; none: full precision (env CHATBOT_QUANTIZE)")
+    p.add_argument("--backend", choices=("auto", "onnx", "torch"), default=_env("BACKEND", "auto"),
+                   help="chat decoding: auto (ONNX Runtime GenAI on a CPU with int8 weights, where installed), "
+                        "onnx or torch (env CHATBOT_BACKEND)")
     p.add_argument("--merge", action="store_true", default=_env("MERGE", "0") in ("1", "true", "yes"),
                    help="merge the adapter into the weights: fastest, but no base-model comparison (env CHATBOT_MERGE)")
     p.add_argument("--region", default=_env("REGION", "INTL"),
@@ -322,7 +325,8 @@ def about_text(service) -> str:
     return "\n".join([
         "## About",
         f"- Model: `{getattr(model.config, 'name_or_path', '?')}`; adapter: {', '.join(adapters) or 'none'}; "
-        f"weights: {weights_format(model)}.",
+        f"weights: {weights_format(model)}; chat decoding: "
+        f"{'ONNX Runtime GenAI (int8)' if service.engine.onnx is not None else 'torch'}.",
         "- Every message is screened before it reaches the model, and every reply is screened sentence "
         "by sentence before you see it. If something suggests you may be at risk, you get crisis resources.",
         "- Conversations are not written to disk or logs.",
@@ -334,22 +338,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from chatbot.generation import ChatEngine
-    from chatbot.loading import AdapterError, ModelLoadError, load_model
+    from chatbot.loading import AdapterError, ModelLoadError, load_model, load_onnx
     from chatbot.service import ChatService
     from safety import Guard, SafetyConfig
     from safety.hotlines import directory
 
     try:
         auth = parse_auth(args.auth)
-        cfg = ModelConfig(model=args.model, adapter=args.adapter, quantize=args.quantize, merge=args.merge)
+        cfg = ModelConfig(model=args.model, adapter=args.adapter, quantize=args.quantize, merge=args.merge,
+                          backend=args.backend)
         model, tokenizer = load_model(cfg)
+        onnx = load_onnx(cfg)
     except (ModelLoadError, AdapterError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     guard = Guard(SafetyConfig(region=args.region))
     guard.warm_up()
     limits = Limits(queue_size=args.queue_size)
-    engine = ChatEngine(model, tokenizer, limits.max_input_tokens, merged=bool(cfg.merge and cfg.adapter))
+    engine = ChatEngine(model, tokenizer, limits.max_input_tokens, merged=bool(cfg.merge and cfg.adapter), onnx=onnx)
     service = ChatService(engine, guard, GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature), limits)
     choices = AdapterChoices(service, extra=[cfg.adapter] if cfg.adapter else [])
     demo = build_demo(service, [(label, code) for label, code in directory().choices()], args.region, adapters=choices,

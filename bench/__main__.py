@@ -2,8 +2,11 @@
 
     python -m bench [--tokens 64] [--json bench/results/bench.json]     (or: make bench)
 
-- first start: GGUF -> safetensors conversion into an empty cache, then load;
+- first start: GGUF -> safetensors conversion into an empty cache, the ONNX export (on a CPU with
+  onnxruntime-genai), then load;
 - later start: load from the converted cache;
+- decoding on the ONNX Runtime GenAI engine (chatbot/onnx_engine.py, the app's chat path on a CPU)
+  with the same prompts, baseline and ceiling;
 - decoding: the app's streaming engine on the default CPU format (int8 weight-only, the lean loop
   of chatbot/decoder.py) against plain `model.generate` (float32, greedy, same prompt and token
   count) in the same process, the same engine through `generate`, and the bandwidth ceiling of
@@ -19,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -43,18 +47,23 @@ def machine() -> str:
 
 
 def bench_startup() -> dict:
+    """First start (GGUF conversion, and the ONNX export where the app decodes on ONNX) and a
+    later start from the cache, for the base model: what the app loads before it is ready."""
     from chatbot.config import ModelConfig
-    from chatbot.loading import load_model
+    from chatbot.loading import load_model, load_onnx
 
+    cfg = ModelConfig(adapter=None)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["CHATBOT_CACHE_DIR"] = cache
-        t = time.perf_counter()
-        load_model(ModelConfig(adapter=None))
-        first = time.perf_counter() - t
-        t = time.perf_counter()
-        model, tok = load_model(ModelConfig(adapter=None))
-        later = time.perf_counter() - t
-        os.environ.pop("CHATBOT_CACHE_DIR")
+        try:
+            t = time.perf_counter()
+            load_model(cfg), load_onnx(cfg)
+            first = time.perf_counter() - t
+            t = time.perf_counter()
+            load_model(cfg), load_onnx(cfg)
+            later = time.perf_counter() - t
+        finally:
+            os.environ.pop("CHATBOT_CACHE_DIR")
     return {"first_start_s": first, "later_start_s": later}
 
 
@@ -78,7 +87,7 @@ def _engine_speed(engine, messages, tokens: int) -> tuple[float, float]:
 
     gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     engine.model.generation_config.min_new_tokens = tokens
-    list(engine.stream(messages, GenerationConfig(max_new_tokens=4, temperature=0)))  # warm-up
+    list(engine.stream(messages, dataclasses.replace(gen, max_new_tokens=4)))  # warm-up: the same search
     t, first = time.perf_counter(), None
     for _ in engine.stream(messages, gen):
         first = first or time.perf_counter() - t
@@ -93,6 +102,8 @@ def _cold_first_token(engine, messages) -> float:
     from chatbot.config import GenerationConfig
 
     decoder.PREFIXES.clear()
+    if engine.onnx is not None:
+        engine.onnx.forget()
     t = time.perf_counter()
     next(iter(engine.stream(messages, GenerationConfig(max_new_tokens=8, temperature=0))))
     return time.perf_counter() - t
@@ -111,23 +122,36 @@ def bench_variants(tokens: int) -> dict:
     for label, merge in (("adapter_hot_swapped", False), ("adapter_merged", True)):
         model, tok = load_model(ModelConfig(adapter=str(DEFAULT_ADAPTER), merge=merge))
         out[f"{label}_tok_s"], out[f"{label}_ttft_s"] = _engine_speed(ChatEngine(model, tok, merged=merge), messages, tokens)
-    # the output check's stream wrapper: same engine, with and without guard.stream around it
+    # the output check's stream wrapper, on each engine: the same engine with and without guard.stream
+    from chatbot.loading import load_onnx
+
     guard = Guard()
     guard.warm_up()
-    engine = ChatEngine(model, tok, merged=True)
+    onnx = load_onnx(ModelConfig(adapter=str(DEFAULT_ADAPTER), merge=True, backend="onnx"))
+    fast = ChatEngine(model, tok, merged=True, onnx=onnx)  # the adapter's merged ONNX copy: the app's chat view
+    out["onnx_adapter_tok_s"], out["onnx_adapter_ttft_s"] = _engine_speed(fast, messages, tokens)
+    for label, engine in (("", ChatEngine(model, tok, merged=True)), ("onnx_", fast)):
+        out[f"{label}stream_wrapper_overhead"] = _wrapper_overhead(engine, guard, messages, tokens)
+    return out
+
+
+def _wrapper_overhead(engine, guard, messages, tokens: int) -> float:
+    """Time of a reply through guard.stream over the same reply without it, minus one."""
     from chatbot.config import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
-    model.generation_config.min_new_tokens = tokens
-    t = time.perf_counter()
-    list(engine.stream(messages, gen))
-    plain = time.perf_counter() - t
-    t = time.perf_counter()
-    list(guard.stream(engine.stream(messages, gen)))
-    guarded = time.perf_counter() - t
-    model.generation_config.min_new_tokens = None
-    out["stream_wrapper_overhead"] = guarded / plain - 1
-    return out
+    engine.model.generation_config.min_new_tokens = tokens
+    try:
+        list(engine.stream(messages, gen))  # warm-up
+        t = time.perf_counter()
+        list(engine.stream(messages, gen))
+        plain = time.perf_counter() - t
+        t = time.perf_counter()
+        list(guard.stream(engine.stream(messages, gen)))
+        guarded = time.perf_counter() - t
+    finally:
+        engine.model.generation_config.min_new_tokens = None
+    return guarded / plain - 1
 
 
 def bench_training(max_lengths: tuple[int, ...] = (320, 1024), steps: int = 6) -> dict:
@@ -281,7 +305,29 @@ def bench_decoding(tokens: int) -> dict:
         out[f"{label}_ceiling_tok_s"] = bandwidth * 1e9 / bytes_per_token(m)
     out["share_of_ceiling"] = rate / out["engine_ceiling_tok_s"]  # decoding proper: after the prompt
     out["fp32_share_of_ceiling"] = baseline_rate / out["fp32_ceiling_tok_s"]
+    out.update(_onnx_decoding(model, tok, messages, short, tokens, baseline, baseline_rate, bandwidth))
     return out
+
+
+def _onnx_decoding(model, tok, messages, short, tokens, baseline, baseline_rate, bandwidth) -> dict:
+    """The same figures for the ONNX Runtime GenAI engine (the app's chat path on a CPU)."""
+    from chatbot import onnx_engine
+    from chatbot.config import ModelConfig
+    from chatbot.generation import BASE, ChatEngine
+    from chatbot.loading import load_onnx
+
+    onnx = load_onnx(ModelConfig(adapter=None, backend="onnx"))
+    engine = ChatEngine(model, tok, onnx=onnx)
+    speed, first = _engine_speed(engine, messages, tokens)
+    rate = _engine_decode_rate(engine, messages, tokens)
+    _, first_short = _engine_speed(engine, short, 8)
+    mb = onnx_engine.bytes_per_token(onnx.folders[BASE]) / 1e6
+    ceiling = bandwidth * 1e3 / mb
+    return {"onnx_stream_tok_s": speed, "onnx_ratio_vs_baseline": speed * baseline / tokens,
+            "onnx_decode_tok_s": rate, "onnx_decode_ratio_vs_baseline": rate / baseline_rate,
+            "onnx_time_to_first_token_s": first, "onnx_time_to_first_token_short_s": first_short,
+            "onnx_time_to_first_token_cold_s": _cold_first_token(engine, messages),
+            "onnx_mb_per_token": mb, "onnx_ceiling_tok_s": ceiling, "onnx_share_of_ceiling": rate / ceiling}
 
 
 def bench_compare(tokens: int, repeats: int = 3) -> dict:
@@ -370,18 +416,24 @@ def main() -> int:
     v, tr = result["variants"], result["training"]
     print(f"Machine: {result['machine']}")
     print("| measure | value | baseline | ratio |\n|---|---|---|---|")
-    print(f"| first start (GGUF conversion + load) | {s['first_start_s']:.1f} s | | |")
+    print(f"| first start (GGUF conversion + ONNX export + load) | {s['first_start_s']:.1f} s | | |")
     print(f"| later start (load from cache) | {s['later_start_s']:.2f} s | first start | {s['first_start_s'] / s['later_start_s']:.0f}x faster |")
     print(f"| decoding after the first token, app engine ({d['format']}) | {d['engine_decode_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_decode_tok_s']:.1f} tok/s | {d['decode_ratio_vs_baseline']:.2f}x |")
     print(f"| whole reply, {d['prompt_tokens']}-token prompt + {d['new_tokens']} tokens, app engine ({d['format']}, text stream) | {d['engine_stream_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_generate_tok_s']:.1f} tok/s | {d['ratio_vs_baseline']:.2f}x |")
     print(f"| decoding, same engine and weights through transformers `generate` (CHATBOT_DECODER=transformers) | {d['engine_via_generate_tok_s']:.1f} tok/s | app engine | {d['engine_stream_tok_s'] / d['engine_via_generate_tok_s']:.2f}x faster with the lean loop |")
     print(f"| decoding ceiling, {d['format']}: {d['engine_mb_per_token']:.0f} MB read per token at {d['bandwidth_gb_s']:.1f} GB/s (array copy) | {d['engine_ceiling_tok_s']:.1f} tok/s | app engine after the first token | {d['share_of_ceiling']:.0%} of ceiling |")
+    print(f"| decoding after the first token, ONNX Runtime GenAI engine (int8, the app's chat path on a CPU) | {d['onnx_decode_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_decode_tok_s']:.1f} tok/s | {d['onnx_decode_ratio_vs_baseline']:.2f}x |")
+    print(f"| whole reply, {d['prompt_tokens']}-token prompt + {d['new_tokens']} tokens, ONNX engine (system prompt kept) | {d['onnx_stream_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_generate_tok_s']:.1f} tok/s | {d['onnx_ratio_vs_baseline']:.2f}x |")
+    print(f"| decoding ceiling, ONNX int8: {d['onnx_mb_per_token']:.0f} MB read per token at {d['bandwidth_gb_s']:.1f} GB/s | {d['onnx_ceiling_tok_s']:.1f} tok/s | ONNX engine after the first token | {d['onnx_share_of_ceiling']:.0%} of ceiling |")
+    print(f"| time to first token, ONNX engine: {d['short_prompt_tokens']}-token prompt; {d['prompt_tokens']}-token prompt kept / cold | {d['onnx_time_to_first_token_short_s']:.2f} s; {d['onnx_time_to_first_token_s']:.2f} / {d['onnx_time_to_first_token_cold_s']:.2f} s | | |")
+    print(f"| whole reply, shipped adapter, ONNX engine (merged copy) | {v['onnx_adapter_tok_s']:.1f} tok/s | plain generate (base) | {v['onnx_adapter_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
+    print(f"| output-check stream wrapper on the ONNX engine | {v['onnx_stream_wrapper_overhead']:+.1%} | same engine without it | |")
     print(f"| decoding ceiling, float32: {d['fp32_mb_per_token']:.0f} MB per token | {d['fp32_ceiling_tok_s']:.1f} tok/s | plain generate after the first token | {d['fp32_share_of_ceiling']:.0%} of ceiling |")
     print(f"| whole reply, shipped adapter hot-swapped | {v['adapter_hot_swapped_tok_s']:.1f} tok/s | plain generate (base) | {v['adapter_hot_swapped_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
     print(f"| whole reply, shipped adapter merged | {v['adapter_merged_tok_s']:.1f} tok/s | plain generate (base) | {v['adapter_merged_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
     print(f"| time to first token, {d['short_prompt_tokens']}-token prompt | {d['time_to_first_token_short_s']:.2f} s | | |")
     print(f"| time to first token, {d['prompt_tokens']}-token prompt (app's system prompt, kept) | {d['time_to_first_token_s']:.2f} s | cold, nothing kept {d['time_to_first_token_cold_s']:.2f} s | {d['time_to_first_token_cold_s'] / d['time_to_first_token_s']:.1f}x sooner |")
-    print(f"| output-check stream wrapper, added to decoding time | {v['stream_wrapper_overhead']:+.1%} | same engine without it | |")
+    print(f"| output-check stream wrapper, added to decoding time (torch engine) | {v['stream_wrapper_overhead']:+.1%} | same engine without it | |")
     print(f"| compare: two {c['tokens_per_answer']}-token answers, one two-row batch | {c['batched_s']:.1f} s | one after the other {c['sequential_s']:.1f} s | {c['speedup']:.2f}x faster |")
     print(f"| compare: two answers against one (median of {c['repeats']}) | {c['batched_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_s']:.2f} s | {c['vs_single']:.2f}x the time |")
     print(f"| compare, cold (nothing kept): two answers against one (median of {c['repeats']}) | {c['batched_cold_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_cold_s']:.2f} s | {c['vs_single_cold']:.2f}x the time |")

@@ -39,12 +39,18 @@ class ModelConfig:
     )
     merge: bool = field(default=False, metadata={"help": "Merge the adapter into the base weights."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    backend: str = field(
+        default="auto",
+        metadata={"help": "Chat decoding: auto (ONNX Runtime GenAI on a CPU with int8 weights, where installed), onnx or torch."},
+    )
 
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
         if self.adapter is not None and self.adapter.strip().lower() in ("", "none"):
             self.adapter = None
+        if self.backend not in ("auto", "onnx", "torch"):
+            raise ValueError(f"backend must be auto, onnx or torch, got {self.backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -12,12 +12,14 @@ generator) halts `generate` at the next token.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 
 from .config import GenerationConfig
 from .prompts import encode, fit_to_context
 
+log = logging.getLogger(__name__)
 BASE = "base"  # adapter name that means: the base model, adapter disabled
 # One generation at a time in the process: sampling draws on torch's process-wide RNG (a seed
 # must mean the same reply), and on a CPU two concurrent decodes only fight over the cores.
@@ -73,8 +75,9 @@ class ThinkFilter:
 class ChatEngine:
     """Holds one model and tokenizer; streams replies for chat messages."""
 
-    def __init__(self, model, tokenizer, max_input_tokens: int = 1536, merged: bool = False):
+    def __init__(self, model, tokenizer, max_input_tokens: int = 1536, merged: bool = False, onnx=None):
         self.model = model
+        self.onnx = onnx  # onnx_engine.OnnxModels by adapter name: the fast CPU path where it has the model
         self.tokenizer = tokenizer
         ctx = getattr(model.config, "max_position_embeddings", 2048) or 2048
         self.max_input_tokens = min(max_input_tokens, ctx - 64)
@@ -109,7 +112,31 @@ class ChatEngine:
             self._layers = None
             if any(isinstance(m, int8.Int8Linear) for m in self.model.modules()):
                 int8.add_variants(self.model, [name])  # int8 base layers: a merged copy for fast decoding
+            if self.onnx is not None:
+                self._add_onnx(name, adapter)
         return name
+
+    def _add_onnx(self, name: str, adapter: str) -> None:
+        """The adapter's ONNX copy (exported once); on failure the torch path serves it."""
+        from .loading import resolve_adapter
+        from .onnx_engine import OnnxUnavailable
+
+        try:
+            self.onnx.add({name: resolve_adapter(adapter)})
+        except (OnnxUnavailable, OSError, RuntimeError) as exc:
+            log.warning("Adapter %s runs on the torch engine: %s", name, exc)
+
+    def onnx_name(self, adapter: str | None) -> str | None:
+        """The ONNX model that serves `adapter` (None: the active one), or None for the torch path."""
+        if self.onnx is None:
+            return None
+        if self.merged:  # one model, the adapter merged in
+            return next(iter(self.onnx.models), None)
+        if adapter == BASE or (adapter is None and not hasattr(self.model, "peft_config")):
+            name = BASE
+        else:
+            name = adapter or self.model.active_adapter
+        return name if name in self.onnx else None
 
     def prepare(self, messages: list[dict]) -> tuple[list[int], int]:
         return fit_to_context(self.tokenizer, messages, self.max_input_tokens)
@@ -250,6 +277,13 @@ class ChatEngine:
         def run():
             try:
                 with self.lock:  # adapter selection changes the shared model: only under the lock
+                    onnx = self.onnx_name(adapter) if context is None and "adapter_names" not in kwargs else None
+                    if onnx is not None:  # ONNX Runtime's own loop: no adapter switching on the torch model
+                        if not stop.is_set():
+                            self.onnx.generate(onnx, kwargs["input_ids"][0].tolist(), gen, stop, streamer,
+                                               self.model.generation_config.eos_token_id, shared_prefix,
+                                               self.model.generation_config.min_new_tokens)
+                        return
                     ctx = context
                     if ctx is None:  # batched mixed adapters (adapter_names): PEFT picks per row
                         per_row = "adapter_names" in kwargs

@@ -306,3 +306,27 @@ def load_model(cfg: ModelConfig):
         else:
             log.warning("This torch build has no CPU int8 kernel: running in float32 (slower, same replies).")
     return model, tokenizer
+
+
+def load_onnx(cfg: ModelConfig):
+    """The ONNX GenAI models for cfg's chat decoding (onnx_engine.OnnxModels), or None where the
+    torch engine decodes: backend 'torch', or 'auto' off a CPU, off int8, or where the ONNX path
+    cannot serve the model (logged; the app still starts). backend 'onnx' raises ModelLoadError then."""
+    from .generation import BASE
+    from .onnx_engine import OnnxModels, OnnxUnavailable, resolve_backend
+
+    device = pick_device(cfg.device)
+    if resolve_backend(cfg.backend, device, resolve_quantize(cfg.quantize, device)) == "torch":
+        return None
+    try:
+        models = OnnxModels(Path(resolve_model(cfg.model)))
+        if not (cfg.adapter and cfg.merge):
+            models.add({BASE: None})
+        if cfg.adapter:
+            models.add({adapter_name(cfg.adapter): resolve_adapter(cfg.adapter)})
+    except (OnnxUnavailable, OSError, RuntimeError) as exc:
+        if cfg.backend == "onnx":
+            raise ModelLoadError(f"The ONNX backend cannot serve {cfg.model!r}: {exc}") from exc
+        log.warning("Decoding on the torch engine: the ONNX path is unavailable (%s).", exc)
+        return None
+    return models

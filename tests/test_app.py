@@ -16,12 +16,14 @@ def served(default_model_dir, guard):
     import app
     from chatbot.config import DEFAULT_ADAPTER, GenerationConfig, ModelConfig
     from chatbot.generation import ChatEngine
-    from chatbot.loading import load_model
+    from chatbot.loading import load_model, load_onnx
     from chatbot.service import ChatService
     from safety.hotlines import directory
 
-    model, tok = load_model(ModelConfig(adapter=str(DEFAULT_ADAPTER)))
-    service = ChatService(ChatEngine(model, tok), guard, GenerationConfig(max_new_tokens=80, seed=0))
+    cfg = ModelConfig(adapter=str(DEFAULT_ADAPTER))
+    model, tok = load_model(cfg)
+    engine = ChatEngine(model, tok, onnx=load_onnx(cfg))  # chat on ONNX Runtime where installed, as the app does
+    service = ChatService(engine, guard, GenerationConfig(max_new_tokens=80, seed=0))
     demo = app.build_demo(service, directory().choices(), "US", adapters=app.AdapterChoices(service))
     demo.queue(max_size=8, default_concurrency_limit=1)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True)
