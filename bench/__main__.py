@@ -236,12 +236,16 @@ class TokenTimes:
         pass
 
 
-def decode_rate(run) -> float:
+def decode_rate(run, repeats: int = 3) -> float:
     """Tokens per second after the first new token (the prompt's prefill is the time to first
-    token, reported on its own): `run(streamer)` generates with a TokenTimes streamer."""
-    streamer = TokenTimes()
-    run(streamer)
-    return (len(streamer.times) - 2) / (streamer.times[-1] - streamer.times[1])
+    token, reported on its own), the median of `repeats` runs (one run moves by 10-20% on this
+    shared machine): `run(streamer)` generates with a TokenTimes streamer."""
+    rates = []
+    for _ in range(repeats):
+        streamer = TokenTimes()
+        run(streamer)
+        rates.append((len(streamer.times) - 2) / (streamer.times[-1] - streamer.times[1]))
+    return statistics.median(rates)
 
 
 def _engine_decode_rate(engine, messages, tokens: int) -> float:

@@ -112,8 +112,8 @@ class ChatEngine:
             self._layers = None
             if any(isinstance(m, int8.Int8Linear) for m in self.model.modules()):
                 int8.add_variants(self.model, [name])  # int8 base layers: a merged copy for fast decoding
-            if self.onnx is not None:
-                self._add_onnx(name, adapter)
+        if self.onnx is not None:  # outside the lock: replies go on (on torch for this adapter) while it exports
+            self._add_onnx(name, adapter)
         return name
 
     def _add_onnx(self, name: str, adapter: str) -> None:

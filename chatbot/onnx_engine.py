@@ -2,8 +2,8 @@
 
 The model (and each adapter, merged into a float copy of it first) is exported once by
 onnxruntime-genai's model builder into an int8 graph (`MatMulNBits`, 8-bit weights in blocks of
-32, int8 products) under `cache_dir()/onnx-genai/`, and decoded by its C++ loop: no Python runs
-between the kernels of a token. On this project's 2-core CPU that decodes about twice as fast as
+32, int8 products; gate and up fused) under `cache_dir()/onnx-genai/`, and decoded by its C++
+loop with as many threads as torch uses: no Python runs between the kernels of a token. On this project's 2-core CPU that decodes about twice as fast as
 the torch engine (README, *Speed*). The torch model stays loaded for what this path does not do:
 Compare's two-row batch, training and evaluation.
 
@@ -31,7 +31,7 @@ from .config import GenerationConfig, cache_dir
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnx", "torch")
-EXPORT_VERSION = 1  # bump when the export changes, so cached graphs are rebuilt
+EXPORT_VERSION = 2  # bump when the export changes, so cached graphs are rebuilt
 KEPT_MAX_LENGTH = 2048  # context of a kept generator (its key/value buffer: about 90 MB for the default model)
 KEPT_GENERATORS = 4  # base, adapters, a second set of search options
 
@@ -94,7 +94,8 @@ def export(model_dir: Path, adapter_dir: Path | None = None, root: Path | None =
             _merged_copy(model_dir, Path(adapter_dir), source)
         built = Path(tmp) / "onnx"
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(source), "-i", str(source),
-               "-o", str(built), "-p", "int8", "-e", "cpu", "-c", str(Path(tmp) / "cache")]
+               "-o", str(built), "-p", "int8", "-e", "cpu", "-c", str(Path(tmp) / "cache"),
+               "--extra_options", "fuse_mlp_gate_up=true"]  # one product for gate and up: 3% faster, same numbers
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if done.returncode != 0 or not (built / "genai_config.json").is_file():
@@ -125,7 +126,10 @@ class OnnxModels:
 
         for name, adapter_dir in adapters.items():
             self.folders[name] = export(self.model_dir, adapter_dir, self.root)
-            self.models[name] = og.Model(str(self.folders[name]))
+            config = og.Config(str(self.folders[name]))
+            # ONNX Runtime GenAI's own default decoded at 62 tok/s here, two threads at 90 (bench)
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads()}}}}))
+            self.models[name] = og.Model(config)
         return self
 
     def forget(self) -> None:
@@ -200,6 +204,13 @@ class OnnxModels:
             if rewind is not None:  # nothing of the conversation stays in the kept generator
                 generator.rewind_to(rewind)
         return out
+
+
+def threads() -> int:
+    """Threads for ONNX Runtime's products: torch's count (OMP_NUM_THREADS, else the usable cores)."""
+    import torch
+
+    return max(1, torch.get_num_threads())
 
 
 def bytes_per_token(folder: Path) -> int:

@@ -54,7 +54,9 @@ def test_replies_stream_on_onnx_and_the_weights_are_int8(onnx_engine, monkeypatc
     reply = "".join(deltas)
     assert len(deltas) > 3 and len(reply.split()) > 5 and "<|im_end|>" not in reply
     graph = onnx.load(str(onnx_engine.onnx.folders[BASE] / "model.onnx"), load_external_data=False).graph
-    bits = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    products = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    bits = {a.i for n in products for a in n.attribute if a.name == "bits"}
+    assert len(products) == 30 * 4 + 1  # q/k/v fused, o, gate/up fused, down; the output head
     assert bits == {8} and oe.bytes_per_token(onnx_engine.onnx.folders[BASE]) < 0.3 * np.float32().nbytes * 135e6
 
 
@@ -112,3 +114,18 @@ def test_auto_falls_back_to_torch_and_onnx_says_why(monkeypatch, tmp_path, caplo
     with caplog.at_level("WARNING"):
         assert load_onnx(ModelConfig(model=str(tmp_path), adapter=None)) is None
     assert "torch engine" in caplog.text
+
+
+def test_adapter_added_while_running_gets_its_onnx_copy(default_model_dir, monkeypatch):
+    from chatbot import onnx_engine as oe
+    from chatbot.loading import load_model, load_onnx
+
+    cfg = ModelConfig(adapter=None, backend="onnx")
+    model, tok = load_model(cfg)
+    engine = ChatEngine(model, tok, onnx=load_onnx(cfg))
+    name = engine.add_adapter(str(DEFAULT_ADAPTER))
+    assert name in engine.onnx and engine.onnx_name(name) == name
+    calls = []
+    monkeypatch.setattr(oe.OnnxModels, "generate", lambda self, *a, **k: calls.append(a[0]) or [])
+    list(engine.stream(ask("hello"), GREEDY, adapter=name))
+    assert calls == [name]
