@@ -89,9 +89,10 @@ def onnx_measure(folder: Path, prompt: list[int], rows: list[dict]) -> dict:
     import numpy as np
     import onnxruntime_genai as og
 
+    from chatbot import onnx_engine
     from training.evaluate import IGNORE
 
-    model = og.Model(str(folder))
+    model = onnx_engine.load(folder)  # as the app loads it
 
     def generator(max_length: int, **options):
         params = og.GeneratorParams(model)

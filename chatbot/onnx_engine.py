@@ -122,14 +122,9 @@ class OnnxModels:
     def add(self, adapters: dict[str, Path | None]) -> "OnnxModels":
         """Load (exporting first where needed) a model per name: None for the base model alone,
         else an adapter folder to merge in."""
-        import onnxruntime_genai as og
-
         for name, adapter_dir in adapters.items():
             self.folders[name] = export(self.model_dir, adapter_dir, self.root)
-            config = og.Config(str(self.folders[name]))
-            # ONNX Runtime GenAI's own default decoded at 62 tok/s here, two threads at 90 (bench)
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads()}}}}))
-            self.models[name] = og.Model(config)
+            self.models[name] = load(self.folders[name])
         return self
 
     def forget(self) -> None:
@@ -204,6 +199,16 @@ class OnnxModels:
             if rewind is not None:  # nothing of the conversation stays in the kept generator
                 generator.rewind_to(rewind)
         return out
+
+
+def load(folder: Path):
+    """An exported model, its products on `threads()` threads: onnxruntime-genai's own default
+    decoded at 62-72 tok/s on this project's 2-core machine, two threads at about 100 (bench)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads()}}}}))
+    return og.Model(config)
 
 
 def threads() -> int:
