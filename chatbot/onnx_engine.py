@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -30,7 +29,6 @@ from pathlib import Path
 
 from .config import GenerationConfig, cache_dir
 
-log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnx", "torch")
 EXPORT_VERSION = 2  # bump when the export changes, so cached graphs are rebuilt
 KEPT_MAX_LENGTH = 2048  # context of a kept generator (its key/value buffer: about 90 MB for the default model)
@@ -198,7 +196,11 @@ class OnnxModels:
                 streamer.put(torch.tensor([token]))
         finally:
             if rewind is not None:  # nothing of the conversation stays in the kept generator
-                generator.rewind_to(rewind)
+                try:
+                    generator.rewind_to(rewind)
+                except Exception:  # noqa: BLE001 - one that cannot rewind is never used again
+                    self.forget()
+                    raise
         return out
 
 
