@@ -21,7 +21,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # privacy: no usage 
 
 import gradio as gr  # noqa: E402 - after the analytics switch above
 
-from chatbot.config import DEFAULT_ADAPTER, DEFAULT_MODEL, PROJECT_ROOT, QUANTIZE_CHOICES, GenerationConfig, Limits, ModelConfig
+from chatbot.config import (BACKEND_CHOICES, DEFAULT_ADAPTER, DEFAULT_MODEL, PROJECT_ROOT, QUANTIZE_CHOICES, GenerationConfig,
+                            Limits, ModelConfig)
 
 log = logging.getLogger("app")
 
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="LoRA adapter folder or Hub id, or 'none' (env CHATBOT_ADAPTER)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=_env("QUANTIZE", "auto"),
                    help="auto: 4-bit NF4 on CUDA, int8 weight-only on CPU; none: full precision (env CHATBOT_QUANTIZE)")
-    p.add_argument("--backend", choices=("auto", "onnx", "torch"), default=_env("BACKEND", "auto"),
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=_env("BACKEND", "auto"),
                    help="chat decoding: auto (ONNX Runtime GenAI on a CPU with int8 weights, where installed), "
                         "onnx or torch (env CHATBOT_BACKEND)")
     p.add_argument("--merge", action="store_true", default=_env("MERGE", "0") in ("1", "true", "yes"),

@@ -5,12 +5,12 @@
 - first start: GGUF -> safetensors conversion into an empty cache, the ONNX export (on a CPU with
   onnxruntime-genai), then load;
 - later start: load from the converted cache;
-- decoding on the ONNX Runtime GenAI engine (chatbot/onnx_engine.py, the app's chat path on a CPU)
-  with the same prompts, baseline and ceiling;
-- decoding: the app's streaming engine on the default CPU format (int8 weight-only, the lean loop
-  of chatbot/decoder.py) against plain `model.generate` (float32, greedy, same prompt and token
-  count) in the same process, the same engine through `generate`, and the bandwidth ceiling of
-  each format: bytes of weights read per token over a large array copy's speed;
+- decoding: the torch engine on the default CPU format (int8 weight-only, the lean loop of
+  chatbot/decoder.py; Compare and --backend torch) against plain `model.generate` (float32,
+  greedy, same prompt and token count) in the same process, the same engine through `generate`,
+  and the bandwidth ceiling of each format: bytes of weights read per token over a large array
+  copy's speed; then the ONNX Runtime GenAI engine (chatbot/onnx_engine.py, the app's chat path
+  on a CPU) with the same prompts, baseline and ceiling;
 - compare: base and fine-tuned answers from one two-row batch against two answers one after the
   other and against one fine-tuned answer, same token counts;
 - the system prompt's kept keys and values (decoder.PREFIXES): every figure with the app's
@@ -425,10 +425,10 @@ def main() -> int:
     print("| measure | value | baseline | ratio |\n|---|---|---|---|")
     print(f"| first start (GGUF conversion + ONNX export + load) | {s['first_start_s']:.1f} s | | |")
     print(f"| later start (load from cache) | {s['later_start_s']:.2f} s | first start | {s['first_start_s'] / s['later_start_s']:.0f}x faster |")
-    print(f"| decoding after the first token, app engine ({d['format']}) | {d['engine_decode_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_decode_tok_s']:.1f} tok/s | {d['decode_ratio_vs_baseline']:.2f}x |")
-    print(f"| whole reply, {d['prompt_tokens']}-token prompt + {d['new_tokens']} tokens, app engine ({d['format']}, text stream) | {d['engine_stream_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_generate_tok_s']:.1f} tok/s | {d['ratio_vs_baseline']:.2f}x |")
-    print(f"| decoding, same engine and weights through transformers `generate` (CHATBOT_DECODER=transformers) | {d['engine_via_generate_tok_s']:.1f} tok/s | app engine | {d['engine_stream_tok_s'] / d['engine_via_generate_tok_s']:.2f}x faster with the lean loop |")
-    print(f"| decoding ceiling, {d['format']}: {d['engine_mb_per_token']:.0f} MB read per token at {d['bandwidth_gb_s']:.1f} GB/s (array copy) | {d['engine_ceiling_tok_s']:.1f} tok/s | app engine after the first token | {d['share_of_ceiling']:.0%} of ceiling |")
+    print(f"| decoding after the first token, torch engine ({d['format']}) | {d['engine_decode_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_decode_tok_s']:.1f} tok/s | {d['decode_ratio_vs_baseline']:.2f}x |")
+    print(f"| whole reply, {d['prompt_tokens']}-token prompt + {d['new_tokens']} tokens, torch engine ({d['format']}, text stream) | {d['engine_stream_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_generate_tok_s']:.1f} tok/s | {d['ratio_vs_baseline']:.2f}x |")
+    print(f"| decoding, same engine and weights through transformers `generate` (CHATBOT_DECODER=transformers) | {d['engine_via_generate_tok_s']:.1f} tok/s | torch engine | {d['engine_stream_tok_s'] / d['engine_via_generate_tok_s']:.2f}x faster with the lean loop |")
+    print(f"| decoding ceiling, {d['format']}: {d['engine_mb_per_token']:.0f} MB read per token at {d['bandwidth_gb_s']:.1f} GB/s (array copy) | {d['engine_ceiling_tok_s']:.1f} tok/s | torch engine after the first token | {d['share_of_ceiling']:.0%} of ceiling |")
     print(f"| decoding after the first token, ONNX Runtime GenAI engine (int8, the app's chat path on a CPU) | {d['onnx_decode_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_decode_tok_s']:.1f} tok/s | {d['onnx_decode_ratio_vs_baseline']:.2f}x |")
     print(f"| whole reply, {d['prompt_tokens']}-token prompt + {d['new_tokens']} tokens, ONNX engine (system prompt kept) | {d['onnx_stream_tok_s']:.1f} tok/s | plain float32 generate {d['baseline_generate_tok_s']:.1f} tok/s | {d['onnx_ratio_vs_baseline']:.2f}x |")
     print(f"| decoding ceiling, ONNX int8: {d['onnx_mb_per_token']:.0f} MB read per token at {d['bandwidth_gb_s']:.1f} GB/s | {d['onnx_ceiling_tok_s']:.1f} tok/s | ONNX engine after the first token | {d['onnx_share_of_ceiling']:.0%} of ceiling |")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QUANTIZE_CHOICES = ("auto", "4bit", "8bit", "none")
+BACKEND_CHOICES = ("auto", "onnx", "torch")  # chat decoding: chatbot/onnx_engine.py or torch
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ADAPTER = PROJECT_ROOT / "adapters" / "smollm2-135m-counsel"
 
@@ -49,8 +50,8 @@ class ModelConfig:
             raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {self.quantize!r}")
         if self.adapter is not None and self.adapter.strip().lower() in ("", "none"):
             self.adapter = None
-        if self.backend not in ("auto", "onnx", "torch"):
-            raise ValueError(f"backend must be auto, onnx or torch, got {self.backend!r}")
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -27,9 +27,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .config import GenerationConfig, cache_dir
+from .config import BACKEND_CHOICES, GenerationConfig, cache_dir
 
-BACKENDS = ("auto", "onnx", "torch")
 EXPORT_VERSION = 2  # bump when the export changes, so cached graphs are rebuilt
 KEPT_MAX_LENGTH = 2048  # context of a kept generator (its key/value buffer: about 90 MB for the default model)
 KEPT_GENERATORS = 4  # base, adapters, a second set of search options
@@ -243,8 +242,8 @@ def bytes_per_token(folder: Path) -> int:
 
 def resolve_backend(backend: str, device: str, quantize: str) -> str:
     """'onnx' or 'torch' for a requested backend: auto takes ONNX on a CPU with int8 weights."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
         return "onnx" if device == "cpu" and quantize == "int8" and available() else "torch"
     return backend

@@ -36,9 +36,10 @@ TARGET_RECALL = {"input": 0.97, "output": None, "post": 0.93}
 C = 16.0
 POST_C = 1.0
 # counsel-chat's questions in the post head, each at a fifth of a post's weight. On the development
-# data (counsel-chat's val split, RMHD's development part, nested) the weights 0 / 0.1 / 0.2 / 0.3 /
-# 0.5 / 1 flagged 19 / 13 / 12 / 11 / 9 / 8% of ordinary questions and 3.8 / 4.2 / 4.2 / 4.4 / 5.2 /
-# 5.5% of control posts: 0.2 halves the first and keeps the second well inside its 5% target.
+# data (counsel-chat's val split, RMHD's development part, nested; a sweep by hand) the weights
+# 0 / 0.1 / 0.2 / 0.3 / 0.5 / 1 flagged 19 / 13 / 12 / 11 / 9 / 8% of ordinary questions and
+# 3.8 / 4.2 / 4.2 / 4.4 / 5.2 / 5.5% of control posts: 0.2 halves the first and keeps the second
+# well inside its 5% target.
 COUNSEL_WEIGHT = 0.2
 
 
