@@ -99,11 +99,11 @@ class Lexicon:
                 for m in entry.pattern.finditer(form):
                     if self._idiom(form, m.start(), m.end()):
                         continue
-                    negated = entry.negatable and (self._negated(form, m.start(), m.end()) or self._recovered(form))
-                    if negated and entry.id not in negated_hits:
+                    denied = entry.negatable and (self._negated(form, m.start(), m.end()) or self._recovered(form))
+                    if denied and entry.id not in negated_hits:
                         negated_hits[entry.id] = Hit(entry.id, entry.category, entry.severity, m.group(0), True)
                         continue
-                    if not negated:
+                    if not denied:
                         hits[entry.id] = Hit(entry.id, entry.category, entry.severity, m.group(0))
                         break
         extra = [h for k, h in negated_hits.items() if k not in hits] if negated else []

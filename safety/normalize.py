@@ -31,11 +31,11 @@ _WS = re.compile(r"\s+")
 
 
 @lru_cache(maxsize=1)
-def _replacements() -> list[tuple[re.Pattern, str]]:
-    """Algospeak and misspellings from data/normalize.yaml, longest first."""
+def _replacements() -> list[tuple[str, re.Pattern, str]]:
+    """Algospeak and misspellings from data/normalize.yaml, longest first: (key, pattern, replacement)."""
     table = yaml.safe_load((DATA / "normalize.yaml").read_text(encoding="utf-8"))["replacements"]
     items = sorted(table.items(), key=lambda kv: -len(kv[0]))
-    return [(re.compile(r"(?<![a-z])" + re.escape(k) + r"(?![a-z])"), v) for k, v in items]
+    return [(k, re.compile(r"(?<![a-z])" + re.escape(k) + r"(?![a-z])"), v) for k, v in items]
 
 
 def _strip_invisible(text: str) -> str:
@@ -73,8 +73,9 @@ def basic(text: str) -> str:
 
 
 def _expand(text: str) -> str:
-    for pattern, repl in _replacements():
-        text = pattern.sub(repl, text)
+    for key, pattern, repl in _replacements():
+        if key in text:  # a substring test first: a check runs this on every streamed sentence
+            text = pattern.sub(repl, text)
     return text
 
 

@@ -140,6 +140,18 @@ def test_thinking_about_death_needs_the_classifier_to_agree(guard):
         assert guard.check_input(text).crisis is (score >= threshold)
 
 
+def test_negated_hits_come_back_only_when_asked_for(guard):
+    """A denial is not a hit: `match` returns it only with negated=True, marked as negated. (A
+    shadowed variable once returned it whenever the last match happened to be negated, so the
+    fit counted "I would never hurt myself" as a lexicon catch.)"""
+    for text in ("I would never hurt myself", "I'm not going to kill myself, I just need to talk"):
+        assert guard.lexicon.match(text, "input") == []
+        found = guard.lexicon.match(text, "input", negated=True)
+        assert found and all(h.negated for h in found)
+    mixed = guard.lexicon.match("I won't hurt myself but I want to die", "input", negated=True)
+    assert {(h.id, h.negated) for h in mixed} >= {("want_to_die", False)}
+
+
 def test_long_text_is_screened_in_windows(guard):
     text = "I went to the shop today and bought some bread. " * 40 + "I want to end my life. " + "The weather was fine. " * 40
     assert len(windows(text)) > 3
