@@ -111,7 +111,7 @@ def _cold_first_token(engine, messages) -> float:
 
 def bench_variants(tokens: int) -> dict:
     """The chat path with the shipped adapter hot-swapped and merged, and the guard's stream wrapper."""
-    from chatbot.config import DEFAULT_ADAPTER, ModelConfig
+    from chatbot.config import DEFAULT_ADAPTER, GenerationConfig, ModelConfig
     from chatbot.generation import ChatEngine
     from chatbot.loading import load_model
     from chatbot.prompts import build_messages
@@ -130,18 +130,21 @@ def bench_variants(tokens: int) -> dict:
     onnx = load_onnx(ModelConfig(adapter=str(DEFAULT_ADAPTER), merge=True, backend="onnx"))
     fast = ChatEngine(model, tok, merged=True, onnx=onnx)  # the adapter's merged ONNX copy: the app's chat view
     out["onnx_adapter_tok_s"], out["onnx_adapter_ttft_s"] = _engine_speed(fast, messages, tokens)
+    greedy = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     for label, engine in (("", ChatEngine(model, tok, merged=True)), ("onnx_", fast)):
-        out[f"{label}stream_wrapper_overhead"] = _wrapper_overhead(engine, guard, messages, tokens)
+        out[f"{label}stream_wrapper_overhead"] = _wrapper_overhead(engine, guard, messages, greedy, min_tokens=tokens)
+    # the app's own settings (256 tokens at most, temperature 0.7, top-p 0.9, repetition penalty
+    # 1.1), seeded so that both runs write the same reply
+    app = GenerationConfig(seed=1234)
+    out["onnx_stream_wrapper_overhead_app"] = _wrapper_overhead(fast, guard, messages, app, repeats=5)
+    out["app_reply_chars"] = len("".join(fast.stream(messages, app)))
     return out
 
 
-def _wrapper_overhead(engine, guard, messages, tokens: int, repeats: int = 3) -> float:
+def _wrapper_overhead(engine, guard, messages, gen, min_tokens: int | None = None, repeats: int = 3) -> float:
     """Time of a reply through guard.stream over the same reply without it, minus one: the median
     of `repeats` pairs, run alternately (one pair moves by several percent on this machine)."""
-    from chatbot.config import GenerationConfig
-
-    gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
-    engine.model.generation_config.min_new_tokens = tokens
+    engine.model.generation_config.min_new_tokens = min_tokens
     ratios = []
     try:
         list(engine.stream(messages, gen))  # warm-up
@@ -434,7 +437,8 @@ def main() -> int:
     print(f"| decoding ceiling, ONNX int8: {d['onnx_mb_per_token']:.0f} MB read per token at {d['bandwidth_gb_s']:.1f} GB/s | {d['onnx_ceiling_tok_s']:.1f} tok/s | ONNX engine after the first token | {d['onnx_share_of_ceiling']:.0%} of ceiling |")
     print(f"| time to first token, ONNX engine: {d['short_prompt_tokens']}-token prompt; {d['prompt_tokens']}-token prompt kept / cold | {d['onnx_time_to_first_token_short_s']:.2f} s; {d['onnx_time_to_first_token_s']:.2f} / {d['onnx_time_to_first_token_cold_s']:.2f} s | | |")
     print(f"| whole reply, shipped adapter, ONNX engine (merged copy) | {v['onnx_adapter_tok_s']:.1f} tok/s | plain generate (base) | {v['onnx_adapter_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
-    print(f"| output-check stream wrapper on the ONNX engine | {v['onnx_stream_wrapper_overhead']:+.1%} | same engine without it | |")
+    print(f"| output-check stream wrapper on the ONNX engine, {d['new_tokens']}-token greedy reply | {v['onnx_stream_wrapper_overhead']:+.1%} | same engine without it | |")
+    print(f"| output-check stream wrapper on the ONNX engine, the app's settings (seeded, {v['app_reply_chars']} characters) | {v['onnx_stream_wrapper_overhead_app']:+.1%} | same engine without it | |")
     print(f"| decoding ceiling, float32: {d['fp32_mb_per_token']:.0f} MB per token | {d['fp32_ceiling_tok_s']:.1f} tok/s | plain generate after the first token | {d['fp32_share_of_ceiling']:.0%} of ceiling |")
     print(f"| whole reply, shipped adapter hot-swapped | {v['adapter_hot_swapped_tok_s']:.1f} tok/s | plain generate (base) | {v['adapter_hot_swapped_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")
     print(f"| whole reply, shipped adapter merged | {v['adapter_merged_tok_s']:.1f} tok/s | plain generate (base) | {v['adapter_merged_tok_s'] / d['baseline_generate_tok_s']:.2f}x |")

@@ -28,9 +28,12 @@ log = logging.getLogger(__name__)
 
 # a sentence ends at . ! ? or an ellipsis (optionally closed by quotes/brackets) before whitespace, or a newline
 _BOUNDARY = re.compile(r"[.!?\u2026][\"')\]\u201d\u2019*_]*\s+|\n+")
-MAX_PENDING_CHARS = 280
+MAX_PENDING_CHARS = 280  # a run-on reply is still checked and released at this length
+# Short sentences are checked together: each check costs a MiniLM pass that competes with decoding
+# for the CPU, so one per 35-character sentence was most of the wrapper's cost (`make bench`).
+MIN_CHECK_CHARS = 80
 MAX_SCREEN_CHARS = 20_000  # longer messages: the first and last 10,000 characters are screened
-_QUESTION = re.compile(r"^(what|what's|whats|how|why|when|where|who|which|is|are|can|could|should|does|do|did|will|would)\b[^.!]*\??$")  # a run-on reply is still checked and released at this length
+_QUESTION = re.compile(r"^(what|what's|whats|how|why|when|where|who|which|is|are|can|could|should|does|do|did|will|would)\b[^.!]*\??$")
 
 
 @dataclass
@@ -162,28 +165,32 @@ class Guard:
         return resources_line(region or self.config.region)
 
     # --- streaming --------------------------------------------------------------------
-    def stream(self, deltas: Iterator[str], region: str | None = None) -> Iterator[StreamEvent]:
+    def stream(self, deltas: Iterator[str], region: str | None = None,
+               min_chars: int = MIN_CHECK_CHARS) -> Iterator[StreamEvent]:
         """Release streamed text only up to checked sentence boundaries.
 
-        Each sentence is checked together with the sentence before it. An unsafe sentence
-        ends generation (the delta generator is closed) and yields one replace event with the
-        crisis response; the unsafe text itself is never yielded.
+        Text is released in chunks of whole sentences, at least `min_chars` long (except the
+        last). Each chunk is checked together with the sentence before it, so every sentence is
+        seen beside its neighbour. An unsafe chunk ends generation (the delta generator is
+        closed) and yields one replace event with the crisis response; the unsafe text itself is
+        never yielded.
         """
         pending, previous = "", ""
         try:
             for delta in deltas:
                 pending += delta
                 cut = _last_boundary(pending)
-                if cut == 0 and len(pending) >= MAX_PENDING_CHARS:
+                if (cut == 0 or cut < min_chars) and len(pending) < MAX_PENDING_CHARS:
+                    continue
+                if cut == 0:  # a run-on reply: checked and released at a word boundary
                     cut = pending.rfind(" ") + 1 or len(pending)
-                if cut:
-                    chunk, pending = pending[:cut], pending[cut:]
-                    verdict = self.check_output(previous + chunk)
-                    if verdict.crisis:
-                        yield StreamEvent(replace=self.crisis_response(region), verdict=verdict)
-                        return
-                    previous = chunk
-                    yield StreamEvent(text=chunk)
+                chunk, pending = pending[:cut], pending[cut:]
+                verdict = self.check_output(previous + chunk)
+                if verdict.crisis:
+                    yield StreamEvent(replace=self.crisis_response(region), verdict=verdict)
+                    return
+                previous = _last_sentence(chunk)
+                yield StreamEvent(text=chunk)
             if pending.strip():
                 verdict = self.check_output(previous + pending)
                 if verdict.crisis:
@@ -195,6 +202,11 @@ class Guard:
             close = getattr(deltas, "close", None)
             if close:
                 close()
+
+
+def _last_sentence(chunk: str) -> str:
+    """The chunk's final sentence (the context the next check reads it with)."""
+    return chunk[_last_boundary(chunk.rstrip()):]
 
 
 def _last_boundary(text: str) -> int:

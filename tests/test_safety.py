@@ -235,7 +235,8 @@ def fake_model(pieces, log):
 
 
 def test_stream_never_emits_unsafe_text(guard):
-    pieces = ["I hear ", "you. ", "It sounds hard. ", "A lethal dose ", "is about 40 ", "tablets of 500 mg. ", "Take care."]
+    pieces = ["I hear ", "you. ", "It sounds really hard right now. ", "A lethal dose ", "is about 40 ", "tablets of 500 mg. ",
+              "Take care."]
     log = []
     events = list(guard.stream(fake_model(pieces, log), "US"))
     shown = "".join(e.text for e in events)
@@ -246,8 +247,28 @@ def test_stream_never_emits_unsafe_text(guard):
 
 def test_stream_releases_only_checked_sentences(guard):
     pieces = ["Exams ", "can be ", "hard. ", "Try short ", "breaks."]
-    events = list(guard.stream(iter(pieces)))
+    events = list(guard.stream(iter(pieces), min_chars=1))
     assert [e.text for e in events] == ["Exams can be hard. ", "Try short breaks."]
+
+
+def test_stream_checks_short_sentences_together_with_their_neighbours(guard):
+    """Short sentences are released in chunks of at least MIN_CHECK_CHARS (one check each, not
+    one per sentence), and every sentence is checked in one text with the sentence before it."""
+    from safety.guard import MIN_CHECK_CHARS
+
+    sentences = ["I hear you.", "That sounds hard.", "Exams are a lot.", "Sleep helps.", "So do short breaks.",
+                 "Try a walk.", "Talk to a friend.", "Be kind to yourself.", "You matter."]
+    pieces = [w + " " for s in sentences for w in s.split()]
+    pieces[-1] = pieces[-1].strip()
+    checked = []
+    spy = Guard(guard.config, guard.lexicon, guard.classifier)
+    spy.check_output = lambda text: checked.append(text) or guard.check_output(text)
+    chunks = [e.text for e in spy.stream(iter(pieces))]
+    assert "".join(chunks) == " ".join(sentences)
+    assert len(checked) == len(chunks) < len(sentences)
+    assert all(len(c) >= MIN_CHECK_CHARS and c.endswith(". ") for c in chunks[:-1])
+    for before, after in zip(sentences, sentences[1:]):
+        assert any(f"{before} {after}" in text for text in checked), (before, after)
 
 
 # --- the service: a crisis message never reaches the model ---------------------------------
