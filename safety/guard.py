@@ -32,6 +32,7 @@ MAX_PENDING_CHARS = 280  # a run-on reply is still checked and released at this 
 # Short sentences are checked together: each check costs a MiniLM pass that competes with decoding
 # for the CPU, so one per 35-character sentence was most of the wrapper's cost (`make bench`).
 MIN_CHECK_CHARS = 80
+CONTEXT_WORDS = 12  # each chunk is read after this much of the text before it: its last sentence, at most
 MAX_SCREEN_CHARS = 20_000  # longer messages: the first and last 10,000 characters are screened
 _QUESTION = re.compile(r"^(what|what's|whats|how|why|when|where|who|which|is|are|can|could|should|does|do|did|will|would)\b[^.!]*\??$")
 
@@ -170,10 +171,10 @@ class Guard:
         """Release streamed text only up to checked sentence boundaries.
 
         Text is released in chunks of whole sentences, at least `min_chars` long (except the
-        last). Each chunk is checked together with the sentence before it, so every sentence is
-        seen beside its neighbour. An unsafe chunk ends generation (the delta generator is
-        closed) and yields one replace event with the crisis response; the unsafe text itself is
-        never yielded.
+        last). Each chunk is checked together with the sentence before it (its last CONTEXT_WORDS
+        words, if longer), so every sentence is seen beside its neighbour. An unsafe chunk ends
+        generation (the delta generator is closed) and yields one replace event with the crisis
+        response; the unsafe text itself is never yielded.
         """
         pending, previous = "", ""
         try:
@@ -189,7 +190,7 @@ class Guard:
                 if verdict.crisis:
                     yield StreamEvent(replace=self.crisis_response(region), verdict=verdict)
                     return
-                previous = _last_sentence(chunk)
+                previous = _context(chunk)
                 yield StreamEvent(text=chunk)
             if pending.strip():
                 verdict = self.check_output(previous + pending)
@@ -204,9 +205,12 @@ class Guard:
                 close()
 
 
-def _last_sentence(chunk: str) -> str:
-    """The chunk's final sentence (the context the next check reads it with)."""
-    return chunk[_last_boundary(chunk.rstrip()):]
+def _context(chunk: str) -> str:
+    """What the next check reads before its own text: the chunk's last sentence, or its last
+    CONTEXT_WORDS words where that sentence is longer (enough to join a statement split at the cut)."""
+    sentence = chunk[_last_boundary(chunk.rstrip()):]
+    words = sentence.split()
+    return sentence if len(words) <= CONTEXT_WORDS else " ".join(words[-CONTEXT_WORDS:]) + " "
 
 
 def _last_boundary(text: str) -> int:

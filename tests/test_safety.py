@@ -271,6 +271,21 @@ def test_stream_checks_short_sentences_together_with_their_neighbours(guard):
         assert any(f"{before} {after}" in text for text in checked), (before, after)
 
 
+def test_stream_reads_a_long_sentence_s_end_before_the_next_chunk(guard):
+    """A long sentence is context for the next chunk through its last CONTEXT_WORDS words."""
+    from safety.guard import CONTEXT_WORDS
+
+    first = "When everything piles up at once it can feel as if there is no way through at all and that you have to carry it alone."
+    second = "It does not have to stay that way, and small steps help."
+    checked = []
+    spy = Guard(guard.config, guard.lexicon, guard.classifier)
+    spy.check_output = lambda text: checked.append(text) or guard.check_output(text)
+    chunks = [e.text for e in spy.stream(iter([first + " ", second]))]
+    assert chunks == [first + " ", second]
+    tail = " ".join(first.split()[-CONTEXT_WORDS:])
+    assert checked == [first + " ", f"{tail} {second}"]
+
+
 # --- the service: a crisis message never reaches the model ---------------------------------
 class SpyEngine:
     def __init__(self, pieces=("Thanks for sharing. ", "How are you feeling now?")):
