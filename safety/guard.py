@@ -2,7 +2,7 @@
 
     guard = Guard()
     verdict = guard.check_input("I want to die", conversation)   # crisis=True
-    for event in guard.stream(deltas, conversation):              # text released per sentence
+    for event in guard.stream(deltas, region="GB"):               # text released in checked sentences
         ...
 
 It sits outside the model: no prompt or fine-tune can switch it off.
