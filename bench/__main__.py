@@ -132,33 +132,34 @@ def bench_variants(tokens: int) -> dict:
     out["onnx_adapter_tok_s"], out["onnx_adapter_ttft_s"] = _engine_speed(fast, messages, tokens)
     greedy = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     for label, engine in (("", ChatEngine(model, tok, merged=True)), ("onnx_", fast)):
-        out[f"{label}stream_wrapper_overhead"] = _wrapper_overhead(engine, guard, messages, greedy, min_tokens=tokens,
-                                                                   repeats=9)
+        out[f"{label}stream_wrapper_overhead"], _ = _wrapper_overhead(engine, guard, messages, greedy,
+                                                                      min_tokens=tokens, repeats=9)
     # the app's own settings (256 tokens at most, temperature 0.7, top-p 0.9, repetition penalty
     # 1.1), seeded so that both runs write the same reply
     app = GenerationConfig(seed=1234)
-    out["onnx_stream_wrapper_overhead_app"] = _wrapper_overhead(fast, guard, messages, app, repeats=7)
-    out["app_reply_chars"] = len("".join(fast.stream(messages, app)))
+    out["onnx_stream_wrapper_overhead_app"], out["app_reply_chars"] = _wrapper_overhead(fast, guard, messages, app,
+                                                                                        repeats=7)
     return out
 
 
-def _wrapper_overhead(engine, guard, messages, gen, min_tokens: int | None = None, repeats: int = 3) -> float:
-    """Time of a reply through guard.stream over the same reply without it, minus one: the median
-    of `repeats` pairs, run alternately (one pair moves by -10 to +20% on this shared machine)."""
+def _wrapper_overhead(engine, guard, messages, gen, min_tokens: int | None = None, repeats: int = 3) -> tuple[float, int]:
+    """(overhead, reply length in characters): the time of a reply through guard.stream over the
+    same reply without it, minus one, the median of `repeats` pairs run alternately (one pair
+    moves by -10 to +20% on this shared machine)."""
     engine.model.generation_config.min_new_tokens = min_tokens
     ratios = []
     try:
         list(engine.stream(messages, gen))  # warm-up
         for _ in range(repeats):
             t = time.perf_counter()
-            list(engine.stream(messages, gen))
+            reply = "".join(engine.stream(messages, gen))
             plain = time.perf_counter() - t
             t = time.perf_counter()
             list(guard.stream(engine.stream(messages, gen)))
             ratios.append((time.perf_counter() - t) / plain)
     finally:
         engine.model.generation_config.min_new_tokens = None
-    return statistics.median(ratios) - 1
+    return statistics.median(ratios) - 1, len(reply)
 
 
 def bench_training(max_lengths: tuple[int, ...] = (320, 1024), steps: int = 6) -> dict:

@@ -251,6 +251,14 @@ def test_stream_releases_only_checked_sentences(guard):
     assert [e.text for e in events] == ["Exams can be hard. ", "Try short breaks."]
 
 
+def spy_on_checks(guard):
+    """A guard like `guard` that records every text its stream wrapper checks."""
+    checked = []
+    spy = Guard(guard.config, guard.lexicon, guard.classifier)
+    spy.check_output = lambda text: checked.append(text) or guard.check_output(text)
+    return spy, checked
+
+
 def test_stream_checks_short_sentences_together_with_their_neighbours(guard):
     """Short sentences are released in chunks of at least MIN_CHECK_CHARS (one check each, not
     one per sentence), and every sentence is checked in one text with the sentence before it."""
@@ -260,9 +268,7 @@ def test_stream_checks_short_sentences_together_with_their_neighbours(guard):
                  "Try a walk.", "Talk to a friend.", "Be kind to yourself.", "You matter."]
     pieces = [w + " " for s in sentences for w in s.split()]
     pieces[-1] = pieces[-1].strip()
-    checked = []
-    spy = Guard(guard.config, guard.lexicon, guard.classifier)
-    spy.check_output = lambda text: checked.append(text) or guard.check_output(text)
+    spy, checked = spy_on_checks(guard)
     chunks = [e.text for e in spy.stream(iter(pieces))]
     assert "".join(chunks) == " ".join(sentences)
     assert len(checked) == len(chunks) < len(sentences)
@@ -277,9 +283,7 @@ def test_stream_reads_a_long_sentence_s_end_before_the_next_chunk(guard):
 
     first = "When everything piles up at once it can feel as if there is no way through at all and that you have to carry it alone."
     second = "It does not have to stay that way, and small steps help."
-    checked = []
-    spy = Guard(guard.config, guard.lexicon, guard.classifier)
-    spy.check_output = lambda text: checked.append(text) or guard.check_output(text)
+    spy, checked = spy_on_checks(guard)
     chunks = [e.text for e in spy.stream(iter([first + " ", second]))]
     assert chunks == [first + " ", second]
     tail = " ".join(first.split()[-CONTEXT_WORDS:])
