@@ -133,30 +133,37 @@ def bench_variants(tokens: int) -> dict:
     greedy = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     for label, engine in (("", ChatEngine(model, tok, merged=True)), ("onnx_", fast)):
         out[f"{label}stream_wrapper_overhead"], _ = _wrapper_overhead(engine, guard, messages, greedy,
-                                                                      min_tokens=tokens, repeats=9)
+                                                                      min_tokens=tokens, repeats=15)
     # the app's own settings (256 tokens at most, temperature 0.7, top-p 0.9, repetition penalty
     # 1.1), seeded so that both runs write the same reply
     app = GenerationConfig(seed=1234)
     out["onnx_stream_wrapper_overhead_app"], out["app_reply_chars"] = _wrapper_overhead(fast, guard, messages, app,
-                                                                                        repeats=7)
+                                                                                        repeats=9)
     return out
 
 
 def _wrapper_overhead(engine, guard, messages, gen, min_tokens: int | None = None, repeats: int = 3) -> tuple[float, int]:
     """(overhead, reply length in characters): the time of a reply through guard.stream over the
-    same reply without it, minus one, the median of `repeats` pairs run alternately (one pair
-    moves by -10 to +20% on this shared machine)."""
+    same reply without it, minus one, the median of `repeats` pairs (one pair moves by -10 to +20%
+    on this shared machine), each pair in the other order from the one before."""
     engine.model.generation_config.min_new_tokens = min_tokens
-    ratios = []
+    ratios, reply = [], ""
+
+    def timed(wrapped: bool) -> float:
+        nonlocal reply
+        t = time.perf_counter()
+        if wrapped:
+            list(guard.stream(engine.stream(messages, gen)))
+        else:
+            reply = "".join(engine.stream(messages, gen))
+        return time.perf_counter() - t
+
     try:
         list(engine.stream(messages, gen))  # warm-up
-        for _ in range(repeats):
-            t = time.perf_counter()
-            reply = "".join(engine.stream(messages, gen))
-            plain = time.perf_counter() - t
-            t = time.perf_counter()
-            list(guard.stream(engine.stream(messages, gen)))
-            ratios.append((time.perf_counter() - t) / plain)
+        for i in range(repeats):
+            first, second = (False, True) if i % 2 == 0 else (True, False)
+            times = {first: timed(first), second: timed(second)}
+            ratios.append(times[True] / times[False])
     finally:
         engine.model.generation_config.min_new_tokens = None
     return statistics.median(ratios) - 1, len(reply)

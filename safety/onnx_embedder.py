@@ -1,9 +1,15 @@
-"""The sentence embedder on ONNX Runtime: the same vectors as sentence-transformers, 3-4x sooner.
+"""The sentence embedder on ONNX Runtime: the same vectors as sentence-transformers, 2-3x sooner.
 
 A check's time is almost all MiniLM's forward pass: about 11 ms in eager PyTorch on a 2-core
-CPU, 3-4 ms in ONNX Runtime (`make bench`). The model is exported once (transformer, mean
-pooling and normalisation in one graph) into a cache folder, like the chat model's conversion;
-later starts load the graph and the tokenizer without importing torch.
+CPU for a short message, 3-5 ms in ONNX Runtime (`make bench`). The model is exported once
+(transformer, mean pooling and normalisation in one graph, then attention, layer norms and GELU
+fused by onnxruntime's transformer optimizer) into a cache folder, like the chat model's
+conversion; later starts load the graph and the tokenizer without importing torch.
+
+int8 weights (onnxruntime's `quantize_dynamic`, per channel) were tried: 1.5x sooner, but the
+vectors move (cosine to float32 0.99 on average, 0.97 at worst), and with the heads refitted on
+them the held-out record got worse (r/SuicideWatch recall 0.885 to 0.869, control posts flagged
+5.0% to 5.4%; output recall on the development examples lower too), so they are not used.
 
 sentence-transformers' own ONNX backend needs optimum-onnx, which pins transformers < 4.58, so
 the export here uses torch.onnx directly. Models whose pooling is not a plain mean stay on
@@ -36,7 +42,7 @@ def cache_root() -> Path:
 
 def cache_key(path: str) -> str:
     """Names the export after the model folder and its weights, so a changed model re-exports."""
-    parts = [path]
+    parts = [path, "fused-v1"]  # the export's own version: a changed export writes a new folder
     folder = Path(path)
     for weights in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
         stat = weights.stat()
@@ -67,13 +73,17 @@ def export(st_model, folder: Path) -> Path:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, dim=-1)
 
-    wrapper = MeanPooled(st_model[0].auto_model).eval()
+    encoder = st_model[0].auto_model
+    wrapper = MeanPooled(encoder).eval()
     sample = st_model.tokenizer(["a short example", "another, slightly longer example text"], padding=True,
                                 return_tensors="pt")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".export-"))
     tmp.chmod(0o755)
+    attention = encoder.config._attn_implementation
     try:
+        # eager attention exports as the pattern onnxruntime's BERT optimizer fuses (sdpa does not)
+        encoder.set_attn_implementation("eager")
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -82,14 +92,29 @@ def export(st_model, folder: Path) -> Path:
                 dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}},
                 opset_version=17, dynamo=False,
             )
+        _fuse(tmp / GRAPH, encoder.config)
         st_model.tokenizer.save_pretrained(tmp)
         (tmp / "embedder.json").write_text(json.dumps({"max_seq_length": int(st_model.max_seq_length)}))
         if folder.exists():
             shutil.rmtree(folder)
         tmp.rename(folder)
     finally:
+        encoder.set_attn_implementation(attention)
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _fuse(graph: Path, config) -> None:
+    """Fuse attention, layer norms and GELU in place (onnxruntime's transformer optimizer): the same
+    vectors (to 3e-7), about 10% sooner. An unfused graph is kept where fusion fails."""
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        fused = optimize_model(str(graph), model_type="bert", num_heads=config.num_attention_heads,
+                               hidden_size=config.hidden_size, opt_level=1)
+        fused.save_model_to_file(str(graph))
+    except Exception as exc:  # noqa: BLE001 - the unfused graph gives the same vectors
+        log.warning("embedder graph left unfused (%s: %s)", type(exc).__name__, exc)
 
 
 class OnnxEmbedder:

@@ -533,6 +533,11 @@ def test_onnx_embedder_matches_sentence_transformers(tmp_path, monkeypatch):
     fast = onnx_embedder.load(embedder_path(), lambda: reference)
     assert isinstance(fast, onnx_embedder.OnnxEmbedder)
     assert (tmp_path / "embedder-onnx").is_dir()  # exported once into the cache
+    import onnx
+
+    graph = next((tmp_path / "embedder-onnx").glob("*/model.onnx"))
+    ops = [node.op_type for node in onnx.load(str(graph)).graph.node]
+    assert ops.count("Attention") == 6 and "SkipLayerNormalization" in ops  # fused, one Attention a layer
     texts = _embedder_texts()
     expected = reference.encode(texts, normalize_embeddings=True)
     assert abs(fast.encode(texts) - expected).max() < 1e-5
