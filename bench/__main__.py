@@ -161,9 +161,11 @@ def _wrapper_overhead(engine, guard, messages, gen, min_tokens: int | None = Non
     try:
         list(engine.stream(messages, gen))  # warm-up
         for i in range(repeats):
-            first, second = (False, True) if i % 2 == 0 else (True, False)
-            times = {first: timed(first), second: timed(second)}
-            ratios.append(times[True] / times[False])
+            if i % 2:
+                wrapped, plain = timed(True), timed(False)
+            else:
+                plain, wrapped = timed(False), timed(True)
+            ratios.append(wrapped / plain)
     finally:
         engine.model.generation_config.min_new_tokens = None
     return statistics.median(ratios) - 1, len(reply)

@@ -525,6 +525,8 @@ def _embedder_texts() -> list[str]:
 
 def test_onnx_embedder_matches_sentence_transformers(tmp_path, monkeypatch):
     """The fast path must give the vectors the heads were fitted on: any drift changes verdicts."""
+    import onnx
+
     from safety import onnx_embedder
     from safety.classifier import _load_embedder, embedder_path
 
@@ -533,8 +535,6 @@ def test_onnx_embedder_matches_sentence_transformers(tmp_path, monkeypatch):
     fast = onnx_embedder.load(embedder_path(), lambda: reference)
     assert isinstance(fast, onnx_embedder.OnnxEmbedder)
     assert (tmp_path / "embedder-onnx").is_dir()  # exported once into the cache
-    import onnx
-
     graph = next((tmp_path / "embedder-onnx").glob("*/model.onnx"))
     ops = [node.op_type for node in onnx.load(str(graph)).graph.node]
     assert ops.count("Attention") == 6 and "SkipLayerNormalization" in ops  # fused, one Attention a layer
