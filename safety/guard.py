@@ -32,6 +32,11 @@ MAX_PENDING_CHARS = 280  # a run-on reply is still checked and released at this 
 # Short sentences are checked together: each check costs a MiniLM pass that competes with decoding
 # for the CPU, so one per 35-character sentence was most of the wrapper's cost (`make bench`).
 MIN_CHECK_CHARS = 80
+# After the first chunk the reader is busy: 80 characters take 3-4 s to read (about 22 characters
+# a second), while the next 160 are written in 0.7 s on the ONNX engine and about 4 s on the torch
+# engine at 10 tokens/s. So later chunks can be twice as long, for half the checks, and the reader
+# seldom waits. A 160-character chunk with its context (about 42 words) fits one 48-word window.
+LATER_CHECK_CHARS = 160
 CONTEXT_WORDS = 12  # each chunk is read after this much of the text before it: its last sentence, at most
 MAX_SCREEN_CHARS = 20_000  # longer messages: the first and last 10,000 characters are screened
 _QUESTION = re.compile(r"^(what|what's|whats|how|why|when|where|who|which|is|are|can|could|should|does|do|did|will|would)\b[^.!]*\??$")
@@ -166,22 +171,23 @@ class Guard:
         return resources_line(region or self.config.region)
 
     # --- streaming --------------------------------------------------------------------
-    def stream(self, deltas: Iterator[str], region: str | None = None,
-               min_chars: int = MIN_CHECK_CHARS) -> Iterator[StreamEvent]:
+    def stream(self, deltas: Iterator[str], region: str | None = None, min_chars: int = MIN_CHECK_CHARS,
+               later_chars: int = LATER_CHECK_CHARS) -> Iterator[StreamEvent]:
         """Release streamed text only up to checked sentence boundaries.
 
-        Text is released in chunks of whole sentences, at least `min_chars` long (except the
-        last). Each chunk is checked together with the sentence before it (its last CONTEXT_WORDS
-        words, if longer), so every sentence is seen beside its neighbour. An unsafe chunk ends
-        generation (the delta generator is closed) and yields one replace event with the crisis
-        response; the unsafe text itself is never yielded.
+        Text is released in chunks of whole sentences: the first at least `min_chars` long, the
+        others at least `later_chars` (the last one may be shorter). Each chunk is checked together
+        with the sentence before it (its last CONTEXT_WORDS words, if longer), so every sentence is
+        seen beside its neighbour. An unsafe chunk ends generation (the delta generator is closed)
+        and yields one replace event with the crisis response; the unsafe text itself is never
+        yielded.
         """
-        pending, previous = "", ""
+        pending, previous, need = "", "", min_chars
         try:
             for delta in deltas:
                 pending += delta
                 cut = _last_boundary(pending)
-                if (cut == 0 or cut < min_chars) and len(pending) < MAX_PENDING_CHARS:
+                if (cut == 0 or cut < need) and len(pending) < MAX_PENDING_CHARS:
                     continue
                 if cut == 0:  # a run-on reply: checked and released at a word boundary
                     cut = pending.rfind(" ") + 1 or len(pending)
@@ -190,7 +196,7 @@ class Guard:
                 if verdict.crisis:
                     yield StreamEvent(replace=self.crisis_response(region), verdict=verdict)
                     return
-                previous = _context(chunk)
+                previous, need = _context(chunk), max(min_chars, later_chars)
                 yield StreamEvent(text=chunk)
             if pending.strip():
                 verdict = self.check_output(previous + pending)

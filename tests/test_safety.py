@@ -260,19 +260,24 @@ def spy_on_checks(guard):
 
 
 def test_stream_checks_short_sentences_together_with_their_neighbours(guard):
-    """Short sentences are released in chunks of at least MIN_CHECK_CHARS (one check each, not
-    one per sentence), and every sentence is checked in one text with the sentence before it."""
-    from safety.guard import MIN_CHECK_CHARS
+    """Short sentences are released in chunks (one check each, not one per sentence): the first
+    of at least MIN_CHECK_CHARS, the later ones of at least LATER_CHECK_CHARS; every sentence is
+    checked in one text with the sentence before it."""
+    from safety.guard import LATER_CHECK_CHARS, MIN_CHECK_CHARS
 
     sentences = ["I hear you.", "That sounds hard.", "Exams are a lot.", "Sleep helps.", "So do short breaks.",
-                 "Try a walk.", "Talk to a friend.", "Be kind to yourself.", "You matter."]
+                 "Try a walk.", "Talk to a friend.", "Be kind to yourself.", "You matter.", "Rest counts too.",
+                 "Drink some water.", "Eat something warm.", "Text someone you trust.", "Go outside for a bit.",
+                 "Write down one worry.", "Then put it away.", "Tomorrow is another try.", "I am glad you wrote."]
     pieces = [w + " " for s in sentences for w in s.split()]
     pieces[-1] = pieces[-1].strip()
     spy, checked = spy_on_checks(guard)
     chunks = [e.text for e in spy.stream(iter(pieces))]
     assert "".join(chunks) == " ".join(sentences)
-    assert len(checked) == len(chunks) < len(sentences)
-    assert all(len(c) >= MIN_CHECK_CHARS and c.endswith(". ") for c in chunks[:-1])
+    assert len(checked) == len(chunks) >= 3 and len(chunks) < len(sentences)
+    assert MIN_CHECK_CHARS <= len(chunks[0]) < LATER_CHECK_CHARS
+    assert all(len(c) >= LATER_CHECK_CHARS for c in chunks[1:-1])
+    assert all(c.endswith(". ") for c in chunks[:-1])
     for before, after in zip(sentences, sentences[1:]):
         assert any(f"{before} {after}" in text for text in checked), (before, after)
 
