@@ -4,7 +4,7 @@ The model (and each adapter, merged into a float copy of it first) is exported o
 onnxruntime-genai's model builder into an int8 graph (`MatMulNBits`, 8-bit weights in blocks of
 32, int8 products; gate and up fused) under `cache_dir()/onnx-genai/`, and decoded by its C++
 loop with as many threads as torch uses: no Python runs between the kernels of a token. On this
-project's 2-core CPU that decodes 2.3-2.7 times as fast as the torch engine (README, *Speed*).
+project's 2-core CPU that decodes 2.3-4 times as fast as the torch engine (README, *Speed*).
 The torch model stays loaded for what this path does not do: Compare's two-row batch, training
 and evaluation.
 
