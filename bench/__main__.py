@@ -172,9 +172,12 @@ def _wrapper_overhead(engine, guard, messages, gen, min_tokens: int | None = Non
 
 
 def bench_training(max_lengths: tuple[int, ...] = (320, 1024), steps: int = 6) -> dict:
-    """Useful (non-padding) tokens/s of SFT: length-grouped dynamic padding (what the trainer does)
-    against padding every row to max_length, on the same examples.
+    """Useful (non-padding) tokens/s of SFT steps (forward, backward, optimizer) on the same
+    examples, three ways: padding every row to max_length with the model's own loss (the naive
+    baseline); length-grouped dynamic padding with the model's own loss; and what the trainer does,
+    length-grouped with logits only at the scored positions (`training.trainer.scored_loss`).
 
+    The three take turns batch by batch, so a slower stretch of the machine falls on all of them.
     320 is the CPU recipe's cut (65% of counsel-chat's replies are cut there, so rows are nearly
     full); 1024 is the GPU recipe's, which keeps 99% of the replies whole.
     """
@@ -183,7 +186,14 @@ def bench_training(max_lengths: tuple[int, ...] = (320, 1024), steps: int = 6) -
 
     from training.config import SftConfig
     from training.sft import build_datasets
-    from training.trainer import prepare_model
+    from training.trainer import ScoredLogitsCollator, prepare_model, scored_loss
+
+    def own_loss(model, batch):
+        return model(**batch).loss
+
+    def reply_loss(model, batch):
+        labels = batch.pop("labels")
+        return scored_loss(model(**batch), labels)
 
     out = {}
     for max_length in max_lengths:
@@ -198,27 +208,36 @@ def bench_training(max_lengths: tuple[int, ...] = (320, 1024), steps: int = 6) -
         mega = sorted(rng.sample(range(len(train)), 50 * cfg.batch_size), key=lambda i: len(train[i]["input_ids"]))
         grouped = [i for b in rng.sample(range(50), steps) for i in mega[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
         shuffled = rng.sample(grouped, len(grouped))
+        pad = dict(label_pad_token_id=-100, pad_to_multiple_of=8)
+        ways = {  # label: (example order, collator, loss)
+            "naive_fixed_length": (shuffled, DataCollatorForSeq2Seq(tok, padding="max_length", max_length=max_length,
+                                                                    label_pad_token_id=-100), own_loss),
+            "length_grouped_full_logits": (grouped, DataCollatorForSeq2Seq(tok, padding=True, **pad), own_loss),
+            "length_grouped": (grouped, ScoredLogitsCollator(DataCollatorForSeq2Seq(tok, padding=True, **pad)),
+                               reply_loss),
+        }
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         model(**DataCollatorForSeq2Seq(tok)([train[mega[0]]])).loss.backward()  # warm-up, not timed
         opt.step()
         opt.zero_grad()
-        res = {}
-        for label, padding in (("naive_fixed_length", "max_length"), ("length_grouped", True)):
-            order = shuffled if padding == "max_length" else grouped
-            collate = DataCollatorForSeq2Seq(tok, padding=padding, max_length=max_length, label_pad_token_id=-100,
-                                             pad_to_multiple_of=None if padding == "max_length" else 8)
-            useful = padded = 0
-            t = time.perf_counter()
-            for start in range(0, len(order), cfg.batch_size):
+        useful, padded, seconds = (dict.fromkeys(ways, 0) for _ in range(3))
+        for start in range(0, len(grouped), cfg.batch_size):
+            for label, (order, collate, loss_of) in ways.items():
                 batch = collate([train[i] for i in order[start : start + cfg.batch_size]])
-                useful += int(batch["attention_mask"].sum())
-                padded += batch["attention_mask"].numel()
-                model(**batch).loss.backward()
+                useful[label] += int(batch["attention_mask"].sum())
+                padded[label] += batch["attention_mask"].numel()
+                t = time.perf_counter()
+                loss_of(model, batch).backward()
                 opt.step()
                 opt.zero_grad()
-            res[f"{label}_useful_tok_s"] = useful / (time.perf_counter() - t)
-            res[f"{label}_padding_share"] = 1 - useful / padded
+                seconds[label] += time.perf_counter() - t
+        res = {}
+        for label in ways:
+            res[f"{label}_useful_tok_s"] = useful[label] / seconds[label]
+            res[f"{label}_padding_share"] = 1 - useful[label] / padded[label]
         res["speedup"] = res["length_grouped_useful_tok_s"] / res["naive_fixed_length_useful_tok_s"]
+        res["speedup_full_logits"] = (res["length_grouped_full_logits_useful_tok_s"]
+                                      / res["naive_fixed_length_useful_tok_s"])
         out[str(max_length)] = res
     return out
 
@@ -462,7 +481,9 @@ def main() -> int:
     print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
     for length, t in tr.items():
-        print(f"| SFT useful tokens/s, max_length {length}: length-grouped batches ({t['length_grouped_padding_share']:.0%} padding) | {t['length_grouped_useful_tok_s']:.0f} | naive padding to {length} ({t['naive_fixed_length_padding_share']:.0%} padding): {t['naive_fixed_length_useful_tok_s']:.0f} | {t['speedup']:.2f}x |")
+        naive = f"naive padding to {length} ({t['naive_fixed_length_padding_share']:.0%} padding): {t['naive_fixed_length_useful_tok_s']:.0f}"
+        print(f"| SFT useful tokens/s, max_length {length}: length-grouped batches ({t['length_grouped_padding_share']:.0%} padding), logits only where scored (the trainer) | {t['length_grouped_useful_tok_s']:.0f} | {naive} | {t['speedup']:.2f}x |")
+        print(f"| SFT useful tokens/s, max_length {length}: length-grouped batches, all logits | {t['length_grouped_full_logits_useful_tok_s']:.0f} | {naive} | {t['speedup_full_logits']:.2f}x |")
     print(f"| peak resident memory of the benchmark process (5 model loads; the app's is in make load) | {result['peak_rss_mb']:.0f} MB | | |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

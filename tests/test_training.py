@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -178,6 +179,40 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer):
     assert row["labels"][first:] == row["input_ids"][first:]
     cut = encode_pair(tokenizer, Pair("I feel low today.", answer * 20), "Be kind.", max_length=64)
     assert len(cut["input_ids"]) == 64 and cut["labels"][-1] != IGNORE
+
+
+def test_loss_on_scored_logits_only_equals_the_models_own_loss(tokenizer):
+    """The trainer projects only the reply positions onto the vocabulary; loss and gradients must
+    be the model's own, for rows of different lengths (padding) and with a LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq
+
+    from conftest import make_tiny_model
+    from training.trainer import ScoredLogitsCollator, scored_loss
+
+    rows = [encode_pair(tokenizer, Pair(q, a * (i + 1)), "Be kind.", max_length=160) for i, (q, a) in enumerate(QA[:3])]
+    batch = ScoredLogitsCollator(DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE))(rows)
+    keep = batch.pop("logits_to_keep")
+    assert keep.dtype == torch.bool and 0 < keep.sum() < keep.numel() / 2  # most positions are prompt or padding
+
+    def loss_and_grads(scored: bool):
+        torch.manual_seed(0)
+        model = get_peft_model(make_tiny_model(len(tokenizer)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                            init_lora_weights=False))
+        if scored:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            loss = scored_loss(model(**inputs, logits_to_keep=keep), batch["labels"])
+        else:
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    (own, own_grads), (ours, our_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert torch.allclose(own, ours, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(own_grads, our_grads))
+    # with gradient accumulation the Trainer passes the count of the whole accumulated batch
+    out, labels = SimpleNamespace(logits=torch.randn(5, 7)), torch.tensor([[IGNORE, 1, 2, IGNORE, 3, 4, 5]])
+    assert torch.isclose(scored_loss(out, labels, num_items_in_batch=10), scored_loss(out, labels) / 2)
 
 
 # ---------------------------------------------------------------- runs on a tiny model

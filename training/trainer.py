@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .card import write_card, write_loss_plot
 from .config import to_dict
+from .sft import IGNORE
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -53,6 +54,37 @@ def prepare_model(cfg):
         model = get_peft_model(model, lora_config(cfg))
     model.train()
     return model, tokenizer
+
+
+class ScoredLogitsCollator:
+    """Pads like `inner` and adds `logits_to_keep`: a mask of the positions whose next token is
+    scored. The model then projects only those onto the vocabulary (49k wide for SmolLM2), not
+    the prompt and padding as well; `scored_loss` reads them back in the same order."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, rows):
+        import torch
+
+        batch = self.inner(rows)
+        if "labels" in batch:
+            scored = batch["labels"][:, 1:] != IGNORE
+            batch["logits_to_keep"] = torch.cat([scored, torch.zeros_like(scored[:, :1])], dim=1)
+        return batch
+
+
+def scored_loss(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy of the kept logits (one row per scored position, as ScoredLogitsCollator
+    asked) against their next tokens: the model's own loss, computed on less."""
+    import torch
+
+    targets = labels[:, 1:]
+    targets = targets[targets != IGNORE]
+    total = torch.nn.functional.cross_entropy(outputs.logits.float(), targets.to(outputs.logits.device),
+                                              reduction="sum")
+    count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
+    return total / torch.as_tensor(count, device=total.device).clamp(min=1)
 
 
 def check_output_dir(cfg) -> Path:
@@ -106,7 +138,8 @@ def train(cfg, stage: str, build_datasets):
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
     )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8)
+    collator = ScoredLogitsCollator(
+        DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, pad_to_multiple_of=8))
     trainer = Trainer(
         model=model,
         args=args,
@@ -114,6 +147,7 @@ def train(cfg, stage: str, build_datasets):
         eval_dataset=val_set or None,
         data_collator=collator,
         processing_class=tokenizer,
+        compute_loss_func=scored_loss,
     )
     metrics: dict = {"stage": stage, "data": data_stats}
     if val_set:
