@@ -16,7 +16,8 @@
 - the system prompt's kept keys and values (decoder.PREFIXES): every figure with the app's
   system prompt is taken after a warm-up reply, as in a running app; the time to first token and
   compare are also given cold, with nothing kept;
-- safety: p50/p95 latency of input and output checks.
+- safety: p50/p95 latency of input and output checks;
+- training: useful tokens/s of SFT steps, the trainer's batching against naive fixed-length padding.
 """
 
 from __future__ import annotations

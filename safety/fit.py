@@ -43,7 +43,8 @@ POST_C = 1.0
 COUNSEL_WEIGHT = 0.2
 
 
-def _threshold(labels: np.ndarray, probs: np.ndarray, lexicon_hits: np.ndarray, target: float | None) -> float:
+def _lowest_fpr_threshold(labels: np.ndarray, probs: np.ndarray, lexicon_hits: np.ndarray,
+                          target: float | None) -> float:
     """Threshold for the combined decision (lexicon OR classifier) on out-of-fold scores.
 
     With a recall target: among thresholds whose combined recall reaches it, those with the
@@ -175,7 +176,7 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
         oof = cross_val_predict(clf, x, y, cv=_folds(seed), method="predict_proba")[:, 1]
         lexicon = default_lexicon()
         hits = np.array([any(h.severity == "high" for h in lexicon.match(t, stage)) for t, _, _ in rows])
-        threshold = _threshold(y, oof, hits, TARGET_RECALL[stage])
+        threshold = _lowest_fpr_threshold(y, oof, hits, TARGET_RECALL[stage])
         clf.fit(x, y)
         pred = hits | (oof >= threshold)
         report[stage] = {
