@@ -5,6 +5,7 @@ Loading goes through chatbot.loading, so training and the app read models the sa
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -138,16 +139,19 @@ def train(cfg, stage: str, build_datasets):
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=False,
     )
-    collator = ScoredLogitsCollator(
-        DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, pad_to_multiple_of=8))
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, pad_to_multiple_of=8)
+    # every causal LM in transformers 5 takes a logits_to_keep mask; remote code may not
+    scored = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
+    if not scored:
+        log.info("%s takes no logits_to_keep: logits for every position", type(model.get_base_model()).__name__)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set or None,
-        data_collator=collator,
+        data_collator=ScoredLogitsCollator(collator) if scored else collator,
         processing_class=tokenizer,
-        compute_loss_func=scored_loss,
+        compute_loss_func=scored_loss if scored else None,
     )
     metrics: dict = {"stage": stage, "data": data_stats}
     if val_set:
