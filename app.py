@@ -362,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_demo(service, [(label, code) for label, code in directory().choices()], args.region, adapters=choices,
                       rate_limit=args.rate_limit)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
+    threading.Thread(target=service.warm_up, name="warm-up", daemon=True).start()
     demo.launch(server_name=args.host, server_port=args.port, show_error=False, auth=auth)
     return 0
 

@@ -92,6 +92,29 @@ def test_compare_paths_int8_pair_and_float32_peft_rows(untied_dir, adapters_dir,
             assert q.base_layer.pair is None and not q.disable_adapters
 
 
+def test_warm_up_reads_the_system_prompt_for_chat_and_the_pair(service, caplog):
+    """At start the app prefills the system prompt for the fine-tuned model and for Compare's
+    pair; the first real requests then find it kept instead of computing it."""
+    from chatbot import decoder
+    from chatbot.compare import compare
+
+    decoder.PREFIXES.clear()
+    service.warm_up()
+    kept = lambda: sum(len(entries) for entries in decoder.PREFIXES.models.values())  # noqa: E731
+    assert kept() == 2  # the fine-tuned model alone, and the pair
+    service.reply(MESSAGE)
+    list(compare(service, MESSAGE))
+    assert kept() == 2  # both found what the warm-up left, nothing new computed
+    decoder.PREFIXES.clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    service.engine.stream = broken
+    service.warm_up()  # a failure is logged, never raised
+    assert "warm-up failed (RuntimeError)" in caplog.text and kept() == 0
+
+
 def test_compare_screens_input_once_and_routes_crisis(service, guard):
     from chatbot.compare import compare
 

@@ -73,6 +73,20 @@ def test_kept_system_prompt_changes_nothing_and_keeps_no_conversation(onnx_engin
     assert 0 < prefix < len(ids) and kept == ids[:prefix] and generator.token_count() == prefix
 
 
+def test_warm_up_leaves_only_the_system_prompt_in_the_kept_generator(onnx_engine, guard):
+    from chatbot.service import ChatService
+
+    onnx_engine.onnx.forget()
+    ChatService(onnx_engine, guard, GenerationConfig()).warm_up()  # the app's default settings
+    messages = ask("The first message after a start.")
+    ids, _ = onnx_engine.prepare(messages)
+    prefix = onnx_engine.shared_prefix(messages, ids)
+    (generator, kept), = onnx_engine.onnx._kept.values()
+    assert 0 < prefix and kept == ids[:prefix] and generator.token_count() == prefix
+    onnx_engine.reply(messages, GenerationConfig(max_new_tokens=4))
+    assert list(onnx_engine.onnx._kept.values()) == [(generator, kept)]  # the first reply used it
+
+
 def test_adapter_and_base_are_different_onnx_models(onnx_engine):
     question = ask("I feel lonely since I moved to a new city.")
     base = onnx_engine.reply(question, GREEDY, adapter=BASE)
