@@ -56,7 +56,7 @@ class ChatService:
     def warm_up(self) -> None:
         """Read the system prompt into the default chat model and Compare's pair at the default
         settings, so the first reply after a start is not the slow one (a 147-token prompt, kept
-        or not: 0.09 against 0.44 s to the first token on the ONNX engine in `make bench`). A
+        or not: 0.09–0.16 against 0.44–0.53 s to the first token on the ONNX engine in `make bench`). A
         one-token reply to a fixed greeting; as after any reply, only the system prompt's keys
         and values stay. Runs under the generation lock; a failure is logged and changes nothing."""
         from .compare import stream_pair
