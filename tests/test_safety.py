@@ -140,6 +140,49 @@ def test_thinking_about_death_needs_the_classifier_to_agree(guard):
         assert guard.check_input(text).crisis is (score >= threshold)
 
 
+@pytest.mark.parametrize("text", [
+    "me voy a matar esta noche", "no le encuentro sentido a la vida", "je vais me suicider",
+    "personne ne remarquerait si je mourais", "ich bringe mich um", "ich habe mich schon wieder geritzt",
+    "não aguento mais a vida", "me cortei de propósito", "ho deciso di farla finita", "mi taglio i polsi",
+    "ik denk elke dag aan zelfmoord", "iedereen is beter af zonder mij", "myślę codziennie o samobójstwie",
+    "znów się pocięłam", "mi amiga quiere suicidarse", "mein Bruder redet von Selbstmord",
+])
+def test_other_languages_are_caught_by_the_lexicon_alone(guard, text):
+    """The classifier reads English, so in the other seven languages the lexicon must catch the
+    usual phrasings itself (dev round 5). Checked on the lexicon: the classifier flags most
+    text in these languages whatever it says, which would hide a lost pattern."""
+    assert any(h.severity == "high" for h in guard.lexicon.match(text, "input")), text
+
+
+@pytest.mark.parametrize("text", [
+    "me corté el pelo ayer", "die Hitze bringt mich um", "este examen me va a matar", "me cortei o dedo",
+    "mi taglio i capelli domani",
+])
+def test_other_languages_everyday_words_are_no_lexicon_hit(guard, text):
+    """The same verbs in everyday use: a haircut, "the heat is killing me" (said of the heat, not
+    by the speaker about themselves)."""
+    assert not [h for h in guard.lexicon.match(text, "input") if h.severity == "high"], text
+
+
+@pytest.mark.parametrize("text", [
+    "me muero de risa con este video", "je meurs de faim", "ich lach mich tot", "ik ben doodmoe",
+    "sono stanco morto", "estou morrendo de rir", "ce boulot me tue",
+])
+def test_other_languages_figures_of_speech_are_not_crisis(guard, text):
+    """Figures of speech about dying in the other languages soften the classifier as the English
+    ones do (it must reach 0.9): on the development set 28 of 35 ordinary messages in these
+    languages were flagged before, 7 after (round 5)."""
+    assert guard.lexicon.softened(text)
+    assert not guard.check_input(text).crisis, text
+
+
+def test_a_word_for_suicide_in_another_language_is_a_medium_hit(guard):
+    """A word for suicide or self-harm alone ("suicidio") is a mention, which the classifier must
+    confirm; English "suicide" is no French hit."""
+    assert {h.severity for h in guard.lexicon.match("el suicidio", "input")} == {"medium"}
+    assert [h.id for h in guard.lexicon.match("I read about suicide in French class", "input")] == []
+
+
 def test_negated_hits_come_back_only_when_asked_for(guard):
     """A denial is not a hit: `match` returns it only with negated=True, marked as negated. (A
     shadowed variable once returned it whenever the last match happened to be negated, so the
