@@ -98,7 +98,7 @@ class ChatService:
         text, notice = self.prepare(full)
         verdict = self.guard.check_input(full, conversation)  # the whole message, not just what the model reads
         if verdict.crisis:
-            yield self.guard.crisis_response(region, about_other=verdict.category == "other")
+            yield self.guard.crisis_response(region, about_other=verdict.category == "other", language=verdict.language)
             return
         messages = build_messages(history or [], text)
         reply = ""

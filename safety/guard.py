@@ -48,6 +48,7 @@ class Verdict:
     score: float
     reasons: list[str] = field(default_factory=list)
     category: str | None = None
+    language: str = "en"  # the crisis response's: that of the lexicon entry that caught it
 
     def to_json(self) -> dict:
         return {"crisis": self.crisis, "score": round(self.score, 4), "reasons": self.reasons}
@@ -134,7 +135,8 @@ class Guard:
         reasons = [h.reason for h in hits] + ([f"classifier:{score:.2f}"] if by_model else [])
         combined = max(score, 1.0 if high else 0.0, 0.5 if medium else 0.0)
         category = (high or medium)[0].category if (high or medium) else ("classifier" if by_model else None)
-        return Verdict(crisis, combined, reasons, category)
+        language = (high or medium)[0].lang if crisis and (high or medium) else "en"
+        return Verdict(crisis, combined, reasons, category, language)
 
     def _output(self, text: str) -> Verdict:
         hits = [h for h in self.lexicon.match(text, "output") if h.severity == "high"]
@@ -164,8 +166,8 @@ class Guard:
             return _fail_closed("not-text")
         return self._run(self._output, text)
 
-    def crisis_response(self, region: str | None = None, about_other: bool = False) -> str:
-        return crisis_response(region or self.config.region, about_other=about_other)
+    def crisis_response(self, region: str | None = None, about_other: bool = False, language: str = "en") -> str:
+        return crisis_response(region or self.config.region, about_other=about_other, language=language)
 
     def resources_line(self, region: str | None = None) -> str:
         return resources_line(region or self.config.region)

@@ -33,6 +33,7 @@ class Hit:
     severity: str
     text: str  # the matched (normalised) span
     negated: bool = False  # negated or in a recovery statement: not current risk
+    lang: str = "en"  # the entry's language
 
     @property
     def reason(self) -> str:
@@ -101,10 +102,10 @@ class Lexicon:
                         continue
                     denied = entry.negatable and (self._negated(form, m.start(), m.end()) or self._recovered(form))
                     if denied and entry.id not in negated_hits:
-                        negated_hits[entry.id] = Hit(entry.id, entry.category, entry.severity, m.group(0), True)
+                        negated_hits[entry.id] = Hit(entry.id, entry.category, entry.severity, m.group(0), True, entry.lang)
                         continue
                     if not denied:
-                        hits[entry.id] = Hit(entry.id, entry.category, entry.severity, m.group(0))
+                        hits[entry.id] = Hit(entry.id, entry.category, entry.severity, m.group(0), lang=entry.lang)
                         break
         extra = [h for k, h in negated_hits.items() if k not in hits] if negated else []
         return list(hits.values()) + extra

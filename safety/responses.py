@@ -2,71 +2,69 @@
 
 Validation first; at least one way to call and one to text or chat for the region, an emergency
 number, and the international directory; an invitation to keep talking; a plain statement that
-this is an AI. Never any detail about methods or means.
+this is an AI. Never any detail about methods or means. The words are in data/responses.yaml, in
+English and the lexicon's seven other languages; the services come from the hotline directory.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
 from .hotlines import Directory, Region, directory
 
+RESPONSES_FILE = Path(__file__).parent / "data" / "responses.yaml"
 COMMON_EMERGENCY = "112 (EU and many countries), 911 (US, Canada, Mexico), 999 (UK), 000 (Australia)"
 
 
-def _text(value: str) -> str:
+@lru_cache(maxsize=1)
+def _words() -> dict[str, dict[str, str]]:
+    return yaml.safe_load(RESPONSES_FILE.read_text(encoding="utf-8"))
+
+
+def languages() -> list[str]:
+    """The languages the crisis response is written in."""
+    return list(_words())
+
+
+def _text(value: str, verb: str) -> str:
     """'988' -> 'text 988'; 'Text HOME to 741741' stays as written."""
-    return value if value.split()[0].lower() in ("text", "sms", "whatsapp") else f"text {value}"
+    return value if value.split()[0].lower() in ("text", "sms", "whatsapp") else f"{verb} {value}"
 
 
-def _contacts(region: Region) -> list[str]:
+def _contacts(region: Region, words: dict[str, str]) -> list[str]:
     lines = []
     for s in region.services:
         ways = []
         if s.call:
-            ways.append(f"call **{s.call}**")
+            ways.append(f"{words['call']} **{s.call}**")
         if s.text:
-            ways.append(f"**{_text(s.text)}**")
+            ways.append(f"**{_text(s.text, words['text'])}**")
         if s.chat:
-            ways.append(f"chat: {s.chat}")
+            ways.append(f"{words['chat']}: {s.chat}")
         lines.append(f"- {s.name}: {', '.join(ways)}")
     return lines
 
 
-def crisis_response(region_code: str | None = None, about_other: bool = False, book: Directory | None = None) -> str:
+def crisis_response(region_code: str | None = None, about_other: bool = False, book: Directory | None = None,
+                    language: str = "en") -> str:
+    """The crisis response for a region, in `language` where it is written in it (else English)."""
     book = book or directory()
+    words = _words().get(language) or _words()["en"]
     region = book.get(region_code)
     fb = book.fallback
-    if about_other:
-        opening = (
-            "I'm really glad you reached out about this. It sounds like someone you care about may "
-            "be in danger, and that's a lot to carry. You don't have to handle it alone."
-        )
-        ask = ("If they might act on it soon, stay with them if you can do so safely, and contact "
-               "emergency services or a crisis line together. Crisis lines also support people who are worried about someone else.")
-    else:
-        opening = (
-            "I'm really sorry you're going through this. What you're feeling matters, and you "
-            "deserve support right now. You don't have to go through it alone."
-        )
-        ask = "If you are in immediate danger or might act on these thoughts, please contact emergency services now."
+    opening = words["opening_other" if about_other else "opening"]
+    ask = words["ask_other" if about_other else "ask"]
     if region:
-        where = f"**In {region.name}** (emergency: **{region.emergency}**):"
-        contacts = _contacts(region)
+        where = words["in_region"].format(region=region.name, emergency=region.emergency)
+        contacts = _contacts(region, words)
     else:
-        where = f"**Wherever you are** (emergency: {COMMON_EMERGENCY}):"
+        where = words["anywhere"].format(emergency=words["emergency_numbers"])
         contacts = []
-    contacts.append(f"- Anywhere in the world: free, confidential helplines by phone, text or chat at {fb['chat']}")
-    return "\n".join([
-        opening,
-        "",
-        ask,
-        "",
-        where,
-        *contacts,
-        "",
-        "Talking with a trained person can really help, and they are there 24/7 in most places. "
-        "I'm still here too, and we can keep talking if you'd like. I'm an AI, not a counsellor or a "
-        "substitute for professional care, so please also reach out to one of the services above.",
-    ])
+    contacts.append("- " + words["worldwide"].format(url=fb["chat"]))
+    return "\n".join([opening, "", ask, "", where, *contacts, "", words["closing"]])
 
 
 def resources_line(region_code: str | None = None, book: Directory | None = None) -> str:
@@ -82,6 +80,6 @@ def resources_line(region_code: str | None = None, book: Directory | None = None
     if call:
         parts.append(f"{call.name}: call {call.call}")
     if text:
-        parts.append(f"{text.name}: " + (_text(text.text) if text.text else f"chat {text.chat}"))
+        parts.append(f"{text.name}: " + (_text(text.text, "text") if text.text else f"chat {text.chat}"))
     parts.append(f"more at {book.fallback['chat']}")
     return " · ".join(parts)

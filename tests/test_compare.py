@@ -121,6 +121,8 @@ def test_compare_screens_input_once_and_routes_crisis(service, guard):
     states = list(compare(service, "I want to end my life tonight"))
     assert len(states) == 1 and states[0]["crisis"]
     assert states[0]["base"] == states[0]["finetuned"] == guard.crisis_response(None)
+    french = list(compare(service, "je veux mourir"))  # answered in the language it was caught in
+    assert french[0]["base"] == french[0]["finetuned"] == guard.crisis_response(None, language="fr")
 
 
 def test_compare_endpoint_through_gradio_client(service, untied_dir, adapters_dir):

@@ -77,6 +77,12 @@ def test_prompt_injection_cannot_switch_off_the_safety_layer(service, guard):
     assert service.reply(text) == guard.crisis_response(None)
 
 
+def test_crisis_in_another_language_gets_the_response_in_it(service, guard):
+    """The chat path passes the verdict's language on: a Spanish crisis message, a Spanish card."""
+    reply = service.reply("ya no quiero vivir, me quiero matar")
+    assert reply == guard.crisis_response(None, language="es") and reply.startswith("Siento mucho")
+
+
 def test_rate_limiter_window():
     from app import RateLimiter
 

@@ -415,6 +415,33 @@ def test_crisis_response_follows_safe_messaging():
     assert "findahelpline.com" in crisis_response("XX")  # unknown region: international fallback
 
 
+@pytest.mark.parametrize("language", ["es", "fr", "de", "pt", "it", "nl", "pl"])
+def test_crisis_response_in_the_lexicon_s_other_languages(language):
+    """Each language's response has every part the English one has (validation, call and text
+    contacts, emergency number, the directory, the invitation and the AI statement), in its words."""
+    from safety.responses import _words
+
+    english, words = _words()["en"], _words()[language]
+    assert set(words) == set(english)
+    assert all(words[k] != english[k] for k in ("opening", "ask", "closing", "worldwide"))
+    text = crisis_response("US", language=language)
+    assert text.startswith(words["opening"]) and words["closing"] in text
+    assert f"{words['call']} **988**" in text and "911" in text and "findahelpline.com" in text
+    assert crisis_response(None, about_other=True, language=language).startswith(words["opening_other"])
+    assert words["emergency_numbers"] in crisis_response("XX", language=language)
+
+
+@pytest.mark.parametrize("text, language, about_other", [
+    ("me quiero matar", "es", False), ("je veux mourir", "fr", False), ("ich will sterben", "de", False),
+    ("mi amiga quiere suicidarse", "es", True), ("I want to die", "en", False),
+    ("I want to die, quiero morir", "en", False),  # English first: English
+])
+def test_a_crisis_caught_in_another_language_is_answered_in_it(guard, text, language, about_other):
+    verdict = guard.check_input(text)
+    assert verdict.crisis and verdict.language == language and (verdict.category == "other") is about_other
+    assert crisis_response(None, language="xx") == crisis_response(None)  # unknown: English
+
+
 def test_hotline_directory_schema_and_dates():
     book = directory()
     required = {"US", "GB", "IE", "CA", "AU", "NZ", "IN", "DE", "FR", "ES", "BR", "MX", "JP", "ZA"}
