@@ -16,17 +16,11 @@ import yaml
 from .hotlines import Directory, Region, directory
 
 RESPONSES_FILE = Path(__file__).parent / "data" / "responses.yaml"
-COMMON_EMERGENCY = "112 (EU and many countries), 911 (US, Canada, Mexico), 999 (UK), 000 (Australia)"
 
 
 @lru_cache(maxsize=1)
 def _words() -> dict[str, dict[str, str]]:
     return yaml.safe_load(RESPONSES_FILE.read_text(encoding="utf-8"))
-
-
-def languages() -> list[str]:
-    """The languages the crisis response is written in."""
-    return list(_words())
 
 
 def _text(value: str, verb: str) -> str:
@@ -72,7 +66,7 @@ def resources_line(region_code: str | None = None, book: Directory | None = None
     book = book or directory()
     region = book.get(region_code)
     if region is None:
-        return (f"In crisis? Call your local emergency number ({COMMON_EMERGENCY}) or find a free "
+        return (f"In crisis? Call your local emergency number ({_words()['en']['emergency_numbers']}) or find a free "
                 f"helpline at {book.fallback['chat']}.")
     call = next((s for s in region.services if s.call), None)
     text = next((s for s in region.services if s.text or s.chat), None)

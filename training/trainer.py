@@ -98,6 +98,13 @@ def check_output_dir(cfg) -> Path:
     return out
 
 
+def takes_logits_to_keep(model) -> bool:
+    """Whether the (base) model's forward takes a logits_to_keep mask, so that the scored loss can
+    be used: every causal LM in transformers 5 does; remote code may not (all logits then)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def train(cfg, stage: str, build_datasets):
     """Train, then write the adapter folder; returns (metrics dict, trained PeftModel)."""
     import torch
@@ -140,8 +147,7 @@ def train(cfg, stage: str, build_datasets):
         disable_tqdm=False,
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, pad_to_multiple_of=8)
-    # every causal LM in transformers 5 takes a logits_to_keep mask; remote code may not
-    scored = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
+    scored = takes_logits_to_keep(model)
     if not scored:
         log.info("%s takes no logits_to_keep: logits for every position", type(model.get_base_model()).__name__)
     trainer = Trainer(
