@@ -143,7 +143,25 @@ def bench_variants(tokens: int) -> dict:
     (out["onnx_stream_wrapper_overhead_app"], out["app_reply_chars"],
      out["onnx_stream_wrapper_overhead_app_iqr"]) = _wrapper_overhead(
         fast, guard, messages, app, repeats=WRAPPER_PAIRS_APP)
+    out["input_check_in_app_p50_ms"], out["input_check_in_app_p95_ms"] = _input_check_in_app(fast, guard, messages)
     return out
+
+
+def _input_check_in_app(engine, guard, messages, rounds: int = 40, pause_s: float = 0.5) -> tuple[float, float]:
+    """(p50, p95) ms of the input check as the app meets it: after a reply has streamed the chat
+    model's weights through the caches, and a pause while the user types. bench_safety times
+    checks back to back, with MiniLM's weights still in cache; here they come from memory."""
+    from chatbot.config import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=32, temperature=0, repetition_penalty=1.0)
+    ms = []
+    for i in range(rounds):
+        "".join(engine.stream(messages, gen))
+        time.sleep(pause_s)
+        t = time.perf_counter()
+        guard.check_input(SAFETY_INPUTS[i % len(SAFETY_INPUTS)])
+        ms.append((time.perf_counter() - t) * 1000)
+    return _p50_p95(ms)
 
 
 WRAPPER_PAIRS, WRAPPER_PAIRS_APP = 31, 25  # the ONNX engine's pairs: 64-token reply, app settings
@@ -429,13 +447,21 @@ def bench_compare(tokens: int, repeats: int = 3) -> dict:
             "vs_single_cold": cold["pair"] / cold[name], "repeats": repeats}
 
 
+SAFETY_INPUTS = ["I've been feeling a bit low this week and I'm not sure why.", "I want to kill myself",
+                 "how do I kill a python process", "My exams are next week and I'm stressed."]
+
+
+def _p50_p95(ms: list[float]) -> tuple[float, float]:
+    ms = sorted(ms)
+    return statistics.median(ms), ms[int(0.95 * (len(ms) - 1))]
+
+
 def bench_safety(n: int = 60) -> dict:
     from safety import Guard
 
     guard = Guard()
     guard.warm_up()
-    inputs = ["I've been feeling a bit low this week and I'm not sure why.", "I want to kill myself",
-              "how do I kill a python process", "My exams are next week and I'm stressed."]
+    inputs = SAFETY_INPUTS
     outputs = ["It sounds like you've had a lot on your plate. What has helped you before?",
                "If you are thinking about suicide, please call or text 988."]
     res = {}
@@ -445,9 +471,7 @@ def bench_safety(n: int = 60) -> dict:
             t = time.perf_counter()
             fn(texts[i % len(texts)])
             ms.append((time.perf_counter() - t) * 1000)
-        ms.sort()
-        res[f"{stage}_p50_ms"] = statistics.median(ms)
-        res[f"{stage}_p95_ms"] = ms[int(0.95 * (len(ms) - 1))]
+        res[f"{stage}_p50_ms"], res[f"{stage}_p95_ms"] = _p50_p95(ms)
     return res
 
 
@@ -491,6 +515,7 @@ def main() -> int:
     print(f"| compare, cold (nothing kept): two answers against one (median of {c['repeats']}) | {c['batched_cold_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_cold_s']:.2f} s | {c['vs_single_cold']:.2f}x the time |")
     print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
+    print(f"| input check p50 / p95 as in the app: after a reply and a 0.5 s pause | {v['input_check_in_app_p50_ms']:.1f} / {v['input_check_in_app_p95_ms']:.1f} ms | back to back (above) | |")
     for length, t in tr.items():
         naive = f"naive padding to {length} ({t['naive_fixed_length_padding_share']:.0%} padding): {t['naive_fixed_length_useful_tok_s']:.0f}"
         print(f"| SFT useful tokens/s, max_length {length}: length-grouped batches ({t['length_grouped_padding_share']:.0%} padding), logits only where scored (the trainer) | {t['length_grouped_useful_tok_s']:.0f} | {naive} | {t['speedup']:.2f}x |")
