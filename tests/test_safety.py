@@ -165,6 +165,20 @@ def test_other_languages_everyday_words_are_no_lexicon_hit(guard, text):
     assert not [h for h in guard.lexicon.match(text, "input") if h.severity == "high"], text
 
 
+@pytest.mark.parametrize("text,hit", [
+    ("I cleared out my desk so nobody has to deal with my stuff after", True),
+    ("I'm putting my affairs in order", True),
+    ("I sorted my files so my family won't have to deal with it after I'm gone.", True),
+    ("I labelled the boxes so nobody has to deal with the mess after the move", False),
+    ("we cleaned up so nobody has to deal with it after the party", False),
+])
+def test_putting_affairs_in_order(guard, text, hit):
+    """Tidying up so that nobody has to deal with things "after" (dev round 6): a medium hit, so
+    the classifier must confirm it at 60% of its threshold. After an event named, it is no hit."""
+    found = [h.reason for h in guard.lexicon.match(text, "input") if not h.negated]
+    assert ("lexicon:plans:affairs_in_order" in found) is hit, (text, found)
+
+
 @pytest.mark.parametrize("text", [
     "me muero de risa con este video", "je meurs de faim", "ich lach mich tot", "ik ben doodmoe",
     "sono stanco morto", "estou morrendo de rir", "ce boulot me tue",
