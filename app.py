@@ -348,12 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         auth = parse_auth(args.auth)
         cfg = ModelConfig(model=args.model, adapter=args.adapter, quantize=args.quantize, merge=args.merge,
                           backend=args.backend)
+        guard = Guard(SafetyConfig(region=args.region))  # no heads, no app (classifier.HeadsError)
         model, tokenizer = load_model(cfg)
         onnx = load_onnx(cfg)
     except (ModelLoadError, AdapterError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    guard = Guard(SafetyConfig(region=args.region))
     guard.warm_up()
     limits = Limits(queue_size=args.queue_size)
     engine = ChatEngine(model, tokenizer, limits.max_input_tokens, merged=bool(cfg.merge and cfg.adapter), onnx=onnx)

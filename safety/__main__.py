@@ -55,11 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev", action="store_true", help="the development set instead, with its mistakes listed")
     p = sub.add_parser("fit", help="refit the classifier heads (examples.yaml; the post head on the RMHD dev part)")
     p.add_argument("--data", default=str(DEFAULT_EVAL_DATA), help="folder of the public sets, for the post head")
+    p.add_argument("--embedder", help="sentence-transformers model id or folder (default: the one the heads file records)")
+    p.add_argument("--out", help="heads file to write (default: safety/data/heads.json; the guard reads SAFETY_HEADS)")
     p = sub.add_parser("hotlines", help="list regions; flag entries not verified recently")
     p.add_argument("--stale-days", type=int, default=365)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .classifier import HeadsError
 
+    try:
+        return _run(args)
+    except HeadsError as exc:  # nothing is screened without the classifier: say why and stop
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     if args.command == "classify":
         return classify(args.stage)
     if args.command == "evaluate":
@@ -67,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return dev() if args.dev else evaluate(args.data or None, args.json, args.per_subreddit)
     if args.command == "fit":
+        from .classifier import heads_file, recorded_embedder
         from .fit import fit
 
-        print(json.dumps(fit(data_root=Path(args.data)), indent=2))
+        out = Path(args.out) if args.out else heads_file()
+        embedder = args.embedder or recorded_embedder(out)
+        print(json.dumps(fit(out=out, embedder=embedder, data_root=Path(args.data) if args.data else None), indent=2))
         return 0
     from .hotlines import directory
 

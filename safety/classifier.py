@@ -123,12 +123,19 @@ class EmbeddingClassifier:
     """Scores text in [0, 1] per stage; thresholds come with the fitted heads."""
 
     def __init__(self, heads_path: Path = HEADS_FILE, embedder: str | None = None):
-        heads = json.loads(Path(heads_path).read_text())
-        self.embedder_name = embedder or heads["embedder"]
-        self.heads = {
-            stage: (np.asarray(h["coef"], dtype=np.float32), float(h["intercept"]), float(h["threshold"]))
-            for stage, h in heads["heads"].items()
-        }
+        try:
+            heads = json.loads(Path(heads_path).read_text())
+            self.embedder_name = embedder or heads["embedder"]
+            self.heads = {
+                stage: (np.asarray(h["coef"], dtype=np.float32), float(h["intercept"]), float(h["threshold"]))
+                for stage, h in heads["heads"].items()
+            }
+            missing = {"input", "output"} - set(self.heads)
+            if missing:
+                raise KeyError(f"no {' or '.join(sorted(missing))} head")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise HeadsError(f"{heads_path} is not a usable heads file ({type(exc).__name__}: {exc}); "
+                             "re-make it with `python -m safety fit`") from exc
         self._model = None
         self._lock = threading.Lock()  # sentence-transformers' encode is not re-entrant-safe on CPU
 
@@ -198,6 +205,27 @@ def post_features(window_embeddings: np.ndarray) -> np.ndarray:
     return np.concatenate([window_embeddings.mean(axis=0), window_embeddings.max(axis=0)])
 
 
+class HeadsError(ValueError):
+    """The classifier's heads file is missing or unreadable; the message says what to do."""
+
+
+def heads_file() -> Path:
+    """The heads the guard uses: SAFETY_HEADS (from `python -m safety fit --out`), else the shipped file."""
+    path = Path(os.environ.get("SAFETY_HEADS") or HEADS_FILE)
+    if not path.is_file():
+        raise HeadsError(f"no classifier heads at {path}: unset SAFETY_HEADS, or write them with "
+                         f"`python -m safety fit --out {path}`")
+    return path
+
+
+def recorded_embedder(path: Path) -> str:
+    """The embedder a heads file was fitted with (DEFAULT_EMBEDDER for a missing file)."""
+    try:
+        return json.loads(Path(path).read_text())["embedder"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_EMBEDDER
+
+
 @lru_cache(maxsize=1)
 def default_classifier() -> EmbeddingClassifier:
-    return EmbeddingClassifier()
+    return EmbeddingClassifier(heads_file())

@@ -200,9 +200,11 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
             print(f"note: {counsel_root(data_root) / COUNSEL_FILE} not found; the post head is fitted without it")
         heads["post"], report["post"] = fit_post(Path(data_root), embedder, seed, examples, encoder=model,
                                                  ordinary=ordinary)
-    elif "post" in old["heads"]:
+    elif "post" in old["heads"] and old.get("embedder") == embedder:  # another embedder's head cannot be kept
         heads["post"], report["post"] = old["heads"]["post"], old["cv"].get("post", {})
         print(f"note: {data_root}/{RMHD_FILE} not found; the post head is kept as it was")
+    elif "post" in old["heads"]:
+        print(f"note: {data_root}/{RMHD_FILE} not found; no post head (the old one read {old.get('embedder')}'s vectors)")
     result = {"embedder": embedder, "examples_sha256": examples_digest(examples), "heads": heads, "cv": report}
     Path(out).write_text(json.dumps(result) + "\n")
     return {"thresholds": {s: round(h["threshold"], 4) for s, h in heads.items()}, "cv": report}

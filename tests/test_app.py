@@ -66,6 +66,22 @@ def test_help_lists_options():
         assert flag in out.stdout
 
 
+def test_missing_safety_heads_stop_the_app(tmp_path):
+    """The app never serves without its classifier: a SAFETY_HEADS that points nowhere stops it
+    at start with a message (exit 2)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "SAFETY_HEADS": str(tmp_path / "none.json")}
+    out = subprocess.run([sys.executable, "app.py", "--adapter", "none"], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error:") and "SAFETY_HEADS" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_bad_model_exits_with_message(tmp_path):
     import subprocess
     import sys

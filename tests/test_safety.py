@@ -584,6 +584,41 @@ def test_fit_makes_a_post_head_from_posts_of_twenty_words_or_more(tmp_path):
     assert len(heads["heads"]["post"]["coef"]) == 2 * 384
 
 
+def test_fit_with_another_embedder_writes_heads_the_guard_reads(tmp_path, monkeypatch):
+    """`python -m safety fit --embedder ... --out ...`: heads for another sentence-transformers
+    model (here the packaged MiniLM named by its folder, as any other would be), which the guard
+    reads through SAFETY_HEADS. Without the Reddit data there is no post head, since the old one
+    read another model's vectors."""
+    from safety.__main__ import main as safety_main
+    from safety.classifier import EmbeddingClassifier, embedder_path, heads_file
+
+    folder = embedder_path()
+    out = tmp_path / "heads.json"
+    assert safety_main(["fit", "--embedder", folder, "--out", str(out), "--data", ""]) == 0
+    heads = json.loads(out.read_text())
+    assert heads["embedder"] == folder and set(heads["heads"]) == {"input", "output"}
+    monkeypatch.setenv("SAFETY_HEADS", str(out))
+    assert heads_file() == out
+    clf = EmbeddingClassifier(heads_file())
+    assert clf.score("I want to kill myself") >= clf.threshold("input") > clf.score("what a lovely sunny day")
+
+
+@pytest.mark.parametrize("content", [None, "{}", "not json"])
+def test_missing_or_broken_heads_file_is_a_clear_error(tmp_path, content):
+    """Nothing is screened without the classifier: the CLI stops at once with a message (exit 2),
+    never a traceback and never an unscreened verdict."""
+    import os
+
+    path = tmp_path / "heads.json"
+    if content is not None:
+        path.write_text(content)
+    out = subprocess.run([sys.executable, "-m", "safety", "classify", "--stage", "input"], input='{"text": "hi"}\n',
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "SAFETY_HEADS": str(path)},
+                         timeout=300)
+    assert out.returncode == 2 and out.stdout == "", out.stderr
+    assert out.stderr.startswith("error: ") and "safety fit" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_cli_classify_format():
     lines = [json.dumps({"text": "I want to kill myself"}), "not json", json.dumps({"text": "hello there"})]
     out = subprocess.run([sys.executable, "-m", "safety", "classify", "--stage", "input"], input="\n".join(lines),
