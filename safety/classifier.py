@@ -119,6 +119,10 @@ def load_examples(path: Path = EXAMPLES_FILE, stage: str = "input") -> list[tupl
     return rows
 
 
+class HeadsError(ValueError):
+    """The classifier's heads file is missing or unreadable; the message says what to do."""
+
+
 class EmbeddingClassifier:
     """Scores text in [0, 1] per stage; thresholds come with the fitted heads."""
 
@@ -205,10 +209,6 @@ def post_features(window_embeddings: np.ndarray) -> np.ndarray:
     return np.concatenate([window_embeddings.mean(axis=0), window_embeddings.max(axis=0)])
 
 
-class HeadsError(ValueError):
-    """The classifier's heads file is missing or unreadable; the message says what to do."""
-
-
 def heads_file() -> Path:
     """The heads the guard uses: SAFETY_HEADS (from `python -m safety fit --out`), else the shipped file."""
     path = Path(os.environ.get("SAFETY_HEADS") or HEADS_FILE)
@@ -218,12 +218,18 @@ def heads_file() -> Path:
     return path
 
 
-def recorded_embedder(path: Path) -> str:
-    """The embedder a heads file was fitted with (DEFAULT_EMBEDDER for a missing file)."""
+def previous_heads(path: Path) -> dict:
+    """What a heads file holds, for refitting over it: {} when it is missing or unreadable."""
     try:
-        return json.loads(Path(path).read_text())["embedder"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return DEFAULT_EMBEDDER
+        heads = json.loads(Path(path).read_text())
+        return heads if isinstance(heads, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def recorded_embedder(path: Path) -> str:
+    """The embedder a heads file was fitted with (DEFAULT_EMBEDDER for a missing or unreadable file)."""
+    return str(previous_heads(path).get("embedder") or DEFAULT_EMBEDDER)
 
 
 @lru_cache(maxsize=1)

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .classifier import DEFAULT_EMBEDDER, EXAMPLES_FILE, HEADS_FILE, examples_digest, load_embedder, load_examples
+from .classifier import (DEFAULT_EMBEDDER, EXAMPLES_FILE, HEADS_FILE, examples_digest, load_embedder, load_examples,
+                         previous_heads)
 from .lexicon import default_lexicon
 from .normalize import normalize
 
@@ -187,7 +188,7 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
         }
         heads[stage] = {"coef": clf.coef_[0].round(6).tolist(), "intercept": float(clf.intercept_[0]), "threshold": threshold}
 
-    old = json.loads(Path(out).read_text()) if Path(out).is_file() else {"heads": {}, "cv": {}}
+    old = {"heads": {}, "cv": {}, **previous_heads(out)}  # a broken file is written over
     if data_root is not None and (Path(data_root) / RMHD_FILE).is_file():
         # counsel-chat's train questions without risk, those the post head reads. The input head
         # is left without the short ones: at any weight tried they made it read every mention of

@@ -594,6 +594,7 @@ def test_fit_with_another_embedder_writes_heads_the_guard_reads(tmp_path, monkey
 
     folder = embedder_path()
     out = tmp_path / "heads.json"
+    out.write_text("not json")  # a broken file is written over
     assert safety_main(["fit", "--embedder", folder, "--out", str(out), "--data", ""]) == 0
     heads = json.loads(out.read_text())
     assert heads["embedder"] == folder and set(heads["heads"]) == {"input", "output"}

@@ -218,9 +218,9 @@ def test_loss_on_scored_logits_only_equals_the_models_own_loss(tokenizer):
 # ---------------------------------------------------------------- runs on a tiny model
 
 
-
-def test_models_without_logits_to_keep_train_on_all_logits():
-    """A forward without logits_to_keep (remote code) gets the model's own loss on every position."""
+def test_models_without_logits_to_keep_are_told_apart():
+    """The trainer scores only the reply's logits where the forward takes logits_to_keep (through
+    PEFT too); a forward without it (remote code) is recognised, and trains on every position."""
     from peft import LoraConfig, get_peft_model
 
     from conftest import make_tiny_model
@@ -230,6 +230,7 @@ def test_models_without_logits_to_keep_train_on_all_logits():
     assert takes_logits_to_keep(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])))
     older = type("OlderLM", (type(model),), {"forward": lambda self, input_ids=None, attention_mask=None, labels=None: None})
     assert not takes_logits_to_keep(older(model.config))
+
 
 @pytest.fixture
 def qa_file(tmp_path):
