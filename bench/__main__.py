@@ -144,10 +144,13 @@ def bench_variants(tokens: int) -> dict:
      out["onnx_stream_wrapper_overhead_app_iqr"]) = _wrapper_overhead(
         fast, guard, messages, app, repeats=WRAPPER_PAIRS_APP)
     out["input_check_in_app_p50_ms"], out["input_check_in_app_p95_ms"] = _input_check_in_app(fast, guard, messages)
+    out["other_language_check_in_app_p50_ms"], out["other_language_check_in_app_p95_ms"] = _input_check_in_app(
+        fast, guard, messages, texts=OTHER_LANGUAGE_INPUTS)
     return out
 
 
-def _input_check_in_app(engine, guard, messages, rounds: int = 40, pause_s: float = 0.5) -> tuple[float, float]:
+def _input_check_in_app(engine, guard, messages, rounds: int = 40, pause_s: float = 0.5,
+                        texts: list[str] | None = None) -> tuple[float, float]:
     """(p50, p95) ms of the input check as the app meets it: after a reply has streamed the chat
     model's weights through the caches, and a pause while the user types. bench_safety times
     checks back to back, with MiniLM's weights still in cache; here they come from memory."""
@@ -159,7 +162,7 @@ def _input_check_in_app(engine, guard, messages, rounds: int = 40, pause_s: floa
         "".join(engine.stream(messages, gen))
         time.sleep(pause_s)
         t = time.perf_counter()
-        guard.check_input(SAFETY_INPUTS[i % len(SAFETY_INPUTS)])
+        guard.check_input((texts or SAFETY_INPUTS)[i % len(texts or SAFETY_INPUTS)])
         ms.append((time.perf_counter() - t) * 1000)
     return _p50_p95(ms)
 
@@ -449,6 +452,9 @@ def bench_compare(tokens: int, repeats: int = 3) -> dict:
 
 SAFETY_INPUTS = ["I've been feeling a bit low this week and I'm not sure why.", "I want to kill myself",
                  "how do I kill a python process", "My exams are next week and I'm stressed."]
+# read by the multilingual heads (safety/multilingual.py)
+OTHER_LANGUAGE_INPUTS = ["Me siento un poco triste esta semana y no sé por qué.", "je veux mourir",
+                         "wie beende ich einen Python-Prozess", "Ik heb volgende week examens en ik ben gestrest."]
 
 
 def _p50_p95(ms: list[float]) -> tuple[float, float]:
@@ -465,7 +471,8 @@ def bench_safety(n: int = 60) -> dict:
     outputs = ["It sounds like you've had a lot on your plate. What has helped you before?",
                "If you are thinking about suicide, please call or text 988."]
     res = {}
-    for stage, texts, fn in (("input", inputs, guard.check_input), ("output", outputs, guard.check_output)):
+    for stage, texts, fn in (("input", inputs, guard.check_input), ("output", outputs, guard.check_output),
+                             ("other_language", OTHER_LANGUAGE_INPUTS, guard.check_input)):
         ms = []
         for i in range(n):
             t = time.perf_counter()
@@ -516,6 +523,7 @@ def main() -> int:
     print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
     print(f"| input check p50 / p95 as in the app: after a reply and a 0.5 s pause | {v['input_check_in_app_p50_ms']:.1f} / {v['input_check_in_app_p95_ms']:.1f} ms | back to back (above) | |")
+    print(f"| input check in another language (multilingual heads) p50 / p95, back to back; as in the app | {g['other_language_p50_ms']:.1f} / {g['other_language_p95_ms']:.1f} ms; {v['other_language_check_in_app_p50_ms']:.1f} / {v['other_language_check_in_app_p95_ms']:.1f} ms | | |")
     for length, t in tr.items():
         naive = f"naive padding to {length} ({t['naive_fixed_length_padding_share']:.0%} padding): {t['naive_fixed_length_useful_tok_s']:.0f}"
         print(f"| SFT useful tokens/s, max_length {length}: length-grouped batches ({t['length_grouped_padding_share']:.0%} padding), logits only where scored (the trainer) | {t['length_grouped_useful_tok_s']:.0f} | {naive} | {t['speedup']:.2f}x |")

