@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from . import multilingual
-from .normalize import normalize
+from .normalize import light, normalize
 
 DATA = Path(__file__).parent / "data"
 EXAMPLES_FILE = DATA / "examples.yaml"
@@ -146,10 +146,11 @@ class EmbeddingClassifier:
         self._model = None
         self._lock = threading.Lock()  # sentence-transformers' encode is not re-entrant-safe on CPU
         self.other_languages: EmbeddingClassifier | None = None  # see for_text
+        self.prepare = text_form(self.embedder_name)
 
     def for_text(self, text: str) -> EmbeddingClassifier:
         """The classifier that reads a message: this one, or `other_languages` (multilingual heads)
-        for a message in another of the lexicon's languages."""
+        for a message in another language than English."""
         if self.other_languages is not None and multilingual.language(text) != "en":
             return self.other_languages
         return self
@@ -180,12 +181,12 @@ class EmbeddingClassifier:
         return float(_sigmoid(emb @ coef + intercept).max()) if len(emb) else 0.0
 
     def window_embeddings(self, text: str) -> np.ndarray:
-        parts = screen_windows(text)
+        parts = screen_windows(text, self.prepare)
         return self.embed(parts) if parts else np.zeros((0, 1), dtype=np.float32)
 
     def scores(self, text: str) -> tuple[float, str]:
         """(score, head) for a user message: 'input' for a short one, 'post' from POST_MIN_WORDS words on."""
-        parts = screen_windows(text)
+        parts = screen_windows(text, self.prepare)
         if not parts:
             return 0.0, "input"
         emb = self.embed(parts)
@@ -200,9 +201,15 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def screen_windows(text: str) -> list[str]:
+def text_form(embedder: str):
+    """How an embedder's heads read text: MiniLM the full normalisation (disguises undone, accents
+    and case removed), the multilingual embedder a light one that keeps accents and case."""
+    return light if embedder == multilingual.EMBEDDER else normalize
+
+
+def screen_windows(text: str, prepare=normalize) -> list[str]:
     """The windows a text is screened in: all of them, or MAX_WINDOWS evenly spaced ones."""
-    parts = [p for p in windows(normalize(text)) if p.strip()]
+    parts = [p for p in windows(prepare(text)) if p.strip()]
     if len(parts) > MAX_WINDOWS:
         step = len(parts) / MAX_WINDOWS
         parts = [parts[int(i * step)] for i in range(MAX_WINDOWS - 1)] + [parts[-1]]

@@ -29,7 +29,6 @@ import numpy as np
 from .classifier import (DEFAULT_EMBEDDER, EXAMPLES_FILE, HEADS_FILE, examples_digest, load_embedder, load_examples,
                          previous_heads)
 from .lexicon import default_lexicon
-from .normalize import normalize
 
 # input: recall first (a miss can cost a life); output: no false blocks on the dev split, since
 # replacing a supportive reply with a hotline card teaches people to stop talking.
@@ -72,10 +71,11 @@ def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXA
     examples file's input messages (which teach it that sadness and questions are not risk), plus
     `ordinary`: long messages that are not a crisis (counsel-chat's train questions).
     `encoder`: the embedder already loaded by `fit` (loaded here otherwise)."""
-    from .classifier import is_post, post_features, screen_windows
+    from .classifier import is_post, post_features, screen_windows, text_form
     from .reddit import group_of, posts
 
     encoder = load_embedder(embedder) if encoder is None else encoder
+    prepare = text_form(embedder)
     lexicon = default_lexicon()
 
     def features(parts: list[str]) -> np.ndarray:
@@ -87,7 +87,7 @@ def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXA
         if group == "support":
             continue
         for text in texts:
-            parts = screen_windows(text)
+            parts = screen_windows(text, prepare)
             if not is_post(parts):  # short posts are screened by the input head
                 continue
             rows.append(features(parts))
@@ -96,7 +96,7 @@ def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXA
     x, y, hits = np.array(rows), np.array(labels), np.array(hits)
     messages = [(t, label, 1.0) for t, label, _ in load_examples(examples, "input")]
     messages += [(t, 0, COUNSEL_WEIGHT) for t in ordinary]
-    extra = tuple(np.array(column) for column in zip(*[(features(screen_windows(t)), label, weight)
+    extra = tuple(np.array(column) for column in zip(*[(features(screen_windows(t, prepare)), label, weight)
                                                        for t, label, weight in messages]))
 
     oof = _post_oof(x, y, extra, seed)
@@ -162,7 +162,7 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
-    from .classifier import is_post, screen_windows
+    from .classifier import is_post, screen_windows, text_form
     from .counsel import COUNSEL_FILE, counsel_root, safe_messages
     from .reddit import RMHD_FILE
 
@@ -170,7 +170,7 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
     heads, report = {}, {}
     for stage in ("input", "output"):
         rows = load_examples(examples, stage)
-        texts = [normalize(t) for t, _, _ in rows]
+        texts = [text_form(embedder)(t) for t, _, _ in rows]
         y = np.array([label for _, label, _ in rows])
         x = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
         clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000)

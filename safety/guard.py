@@ -143,7 +143,7 @@ class Guard:
         category = (high or medium)[0].category if (high or medium) else ("classifier" if by_model else None)
         if crisis and (high or medium):
             language = (high or medium)[0].lang
-        else:  # caught by the multilingual heads: answer in the message's language
+        else:  # caught by the multilingual heads: answer in the message's language (if written in it)
             language = multilingual.language(text) if crisis and classifier is not self.classifier else "en"
         return Verdict(crisis, combined, reasons, category, language)
 

@@ -19,6 +19,7 @@ DATA = Path(__file__).parent / "data"
 
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u02bc": "'", "\u2032": "'", "`": "'", "\u00b4": "'",
                          "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-", "\u0142": "l", "\u0141": "l"})
+_QUOTES_ONLY = {k: v for k, v in _QUOTES.items() if k not in (0x142, 0x141)}  # keeps "ł"
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s", "!": "i", "|": "l"})
 _TOKEN = re.compile(r"\S+")
 _HAS_ALPHA = re.compile(r"[a-z]")
@@ -49,6 +50,14 @@ def _strip_invisible(text: str) -> str:
             continue
         out.append(ch)
     return "".join(out)
+
+
+def light(text: str) -> str:
+    """Unicode clean-up that keeps accents and case: NFKC, invisible characters, quotes,
+    whitespace. For the multilingual embedder, where accents carry meaning (Vietnamese), and
+    removing them takes Hangul apart into its letters; the lexicon reads the full normalisation."""
+    text = unicodedata.normalize("NFKC", text.encode("utf-8", "replace").decode("utf-8"))
+    return _WS.sub(" ", _strip_invisible(text).translate(_QUOTES_ONLY)).strip()
 
 
 def _strip_accents(text: str) -> str:
