@@ -157,12 +157,13 @@ def _input_check_in_app(engine, guard, messages, rounds: int = 40, pause_s: floa
     from chatbot.config import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=32, temperature=0, repetition_penalty=1.0)
+    texts = texts or SAFETY_INPUTS
     ms = []
     for i in range(rounds):
         "".join(engine.stream(messages, gen))
         time.sleep(pause_s)
         t = time.perf_counter()
-        guard.check_input((texts or SAFETY_INPUTS)[i % len(texts or SAFETY_INPUTS)])
+        guard.check_input(texts[i % len(texts)])
         ms.append((time.perf_counter() - t) * 1000)
     return _p50_p95(ms)
 

@@ -145,15 +145,16 @@ class EmbeddingClassifier:
                              "re-make it with `python -m safety fit`") from exc
         self._model = None
         self._lock = threading.Lock()  # sentence-transformers' encode is not re-entrant-safe on CPU
-        self.other_languages: EmbeddingClassifier | None = None  # see for_text
+        self.other_languages: EmbeddingClassifier | None = None  # see route
         self.prepare = text_form(self.embedder_name)
 
-    def for_text(self, text: str) -> EmbeddingClassifier:
-        """The classifier that reads a message: this one, or `other_languages` (multilingual heads)
-        for a message in another language than English."""
-        if self.other_languages is not None and multilingual.language(text) != "en":
-            return self.other_languages
-        return self
+    def route(self, text: str) -> tuple[EmbeddingClassifier, str]:
+        """(classifier, language) for a message: `other_languages` (multilingual heads) for one in
+        another language than English, else this one and 'en' (not asked without other heads)."""
+        if self.other_languages is None:
+            return self, "en"
+        language = multilingual.language(text)
+        return (self, language) if language == "en" else (self.other_languages, language)
 
     @property
     def model(self):
@@ -253,7 +254,7 @@ def recorded_embedder(path: Path) -> str:
 @lru_cache(maxsize=1)
 def default_classifier() -> EmbeddingClassifier:
     """The guard's classifier: SAFETY_HEADS (or the shipped heads) for English, and the multilingual
-    heads for the lexicon's other languages where those can run (safety/multilingual.py)."""
+    heads for other languages where those can run (safety/multilingual.py)."""
     classifier = EmbeddingClassifier(heads_file())
     if multilingual.enabled():
         classifier.other_languages = EmbeddingClassifier(multilingual.HEADS_FILE)

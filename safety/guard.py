@@ -123,7 +123,9 @@ class Guard:
     def _input(self, text: str, at_risk: bool) -> Verdict:
         found = self.lexicon.match(text, "input", negated=True)
         hits = [h for h in found if not h.negated]
-        classifier = self.classifier.for_text(text) if hasattr(self.classifier, "for_text") else self.classifier
+        # the multilingual heads for a message in another language (a classifier without `route`: as it is)
+        route = getattr(self.classifier, "route", lambda _: (self.classifier, "en"))
+        classifier, written_in = route(text)
         score, head = classifier.scores(text)  # head: 'input', or 'post' from 20 words on
         threshold = classifier.threshold(head)
         if head == "input" and not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))
@@ -141,10 +143,9 @@ class Guard:
         reasons = [h.reason for h in hits] + ([f"classifier:{score:.2f}"] if by_model else [])
         combined = max(score, 1.0 if high else 0.0, 0.5 if medium else 0.0)
         category = (high or medium)[0].category if (high or medium) else ("classifier" if by_model else None)
-        if crisis and (high or medium):
-            language = (high or medium)[0].lang
-        else:  # caught by the multilingual heads: answer in the message's language (if written in it)
-            language = multilingual.language(text) if crisis and classifier is not self.classifier else "en"
+        # the crisis response's language: the lexicon entry's, else the message's (English where
+        # responses.yaml has no text in it)
+        language = (high or medium)[0].lang if crisis and (high or medium) else written_in if crisis else "en"
         return Verdict(crisis, combined, reasons, category, language)
 
     def _output(self, text: str) -> Verdict:

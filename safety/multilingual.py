@@ -48,7 +48,7 @@ class E5Embedder:
 
     def encode(self, texts: list[str], batch_size: int = 32, **_) -> np.ndarray:
         if not texts:
-            return np.zeros((0, 384), dtype=np.float32)
+            return np.zeros((0, self._model.dim), dtype=np.float32)
         return np.asarray(self._model.query(list(texts)), dtype=np.float32).reshape(len(texts), -1)
 
 

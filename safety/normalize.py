@@ -52,12 +52,16 @@ def _strip_invisible(text: str) -> str:
     return "".join(out)
 
 
+def _clean(text: str, quotes: dict) -> str:
+    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates become '?'
+    return _strip_invisible(unicodedata.normalize("NFKC", text)).translate(quotes)
+
+
 def light(text: str) -> str:
     """Unicode clean-up that keeps accents and case: NFKC, invisible characters, quotes,
     whitespace. For the multilingual embedder, where accents carry meaning (Vietnamese), and
     removing them takes Hangul apart into its letters; the lexicon reads the full normalisation."""
-    text = unicodedata.normalize("NFKC", text.encode("utf-8", "replace").decode("utf-8"))
-    return _WS.sub(" ", _strip_invisible(text).translate(_QUOTES_ONLY)).strip()
+    return _WS.sub(" ", _clean(text, _QUOTES_ONLY)).strip()
 
 
 def _strip_accents(text: str) -> str:
@@ -75,10 +79,7 @@ def _deleet(token: str) -> str:
 
 def basic(text: str) -> str:
     """Unicode clean-up only: NFKC, invisible characters, quotes, case, accents, whitespace."""
-    text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates become '?'
-    text = unicodedata.normalize("NFKC", text)
-    text = _strip_invisible(text).translate(_QUOTES).casefold()
-    return _WS.sub(" ", _strip_accents(text)).strip()
+    return _WS.sub(" ", _strip_accents(_clean(text, _QUOTES).casefold())).strip()
 
 
 def _expand(text: str) -> str:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import yaml
 
@@ -469,7 +470,7 @@ def test_everyday_sadness_in_another_language_is_not_crisis(guard, text):
 
     english_only = EmbeddingClassifier(HEADS_FILE)
     assert english_only.scores(text)[0] >= english_only.threshold("input")
-    assert guard.classifier.for_text(text) is guard.classifier.other_languages
+    assert guard.classifier.route(text)[0] is guard.classifier.other_languages
     assert not guard.check_input(text).crisis, text
 
 
@@ -487,7 +488,7 @@ def test_a_crisis_in_another_language_without_lexicon_words_is_caught_and_answer
 
 @pytest.mark.parametrize("text, language", [
     ("死にたいと毎日思う", "ja"), ("Я хочу умереть", "ru"),
-    ("Bu hayattan bıktım, ölmek istiyorum", "tr"),
+    ("Bu hayattan bıktım, ölmek istiyorum", "tr"), ("더는 살고 싶지 않아", "ko"),
 ])
 def test_a_crisis_in_a_language_outside_the_lexicon_is_caught(guard, text, language):
     """No lexicon entry reads Japanese, Russian or Turkish, and MiniLM is blind to them ("I think
@@ -505,7 +506,7 @@ def test_a_crisis_in_a_language_outside_the_lexicon_is_caught(guard, text, langu
 
 @pytest.mark.parametrize("text", ["今日は天気がいいですね", "Сегодня хорошая погода", "나는 오늘 친구를 만났어요"])
 def test_everyday_messages_outside_the_lexicon_are_not_crisis(guard, text):
-    assert guard.classifier.for_text(text) is guard.classifier.other_languages
+    assert guard.classifier.route(text)[0] is guard.classifier.other_languages
     assert not guard.check_input(text).crisis, text
 
 
@@ -518,7 +519,13 @@ def test_the_multilingual_heads_read_accents_and_hangul():
     for text in ("죽고 싶어요", "Tôi không muốn sống nữa", "Łódź"):
         assert light(text) == text and normalize(text) != text
     assert light("a\u200bb  \u201cc\u201d") == 'ab "c"'
-    assert default_classifier().other_languages.prepare is light
+    heads = default_classifier().other_languages
+    assert heads.prepare is light
+    # what it changes for a user: "I don't want to live any more" in Korean, caught (test above),
+    # would score under the threshold read with the full normalisation
+    coef, intercept, threshold = heads.heads["input"]
+    decomposed = float(1 / (1 + np.exp(-(heads.embed([normalize("더는 살고 싶지 않아")]) @ coef + intercept)))[0])
+    assert decomposed < threshold <= heads.scores("더는 살고 싶지 않아")[0]
 
 
 @pytest.mark.parametrize("text", [
@@ -526,7 +533,7 @@ def test_the_multilingual_heads_read_accents_and_hangul():
     "we had tapas and sangria in Madrid", "k m s",
 ])
 def test_english_stays_with_minilm(guard, text):
-    assert guard.classifier.for_text(text) is guard.classifier
+    assert guard.classifier.route(text) == (guard.classifier, "en")
 
 
 def test_a_failing_multilingual_embedder_fails_closed(guard):
@@ -560,7 +567,7 @@ def test_multilingual_screening_can_be_off_or_missing(monkeypatch, caplog):
     default_classifier.cache_clear()
     try:
         clf = default_classifier()
-        assert clf.other_languages is None and clf.for_text("ik ben moe") is clf
+        assert clf.other_languages is None and clf.route("ik ben moe") == (clf, "en")
     finally:
         default_classifier.cache_clear()
 
