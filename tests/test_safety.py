@@ -872,3 +872,20 @@ def test_without_onnxruntime_the_classifier_uses_sentence_transformers(monkeypat
         assert not guard.check_input("I love my dog").crisis
     finally:
         _load_embedder.cache_clear()
+
+
+def test_bench_only_safety_prints_the_check_latencies(tmp_path, monkeypatch, capsys):
+    """`python -m bench --only safety`: the checks alone, back to back, as a table and JSON; a long
+    message is timed through the post head (no wall-clock limit is asserted)."""
+    from bench.__main__ import LONG_INPUTS, main
+    from safety.classifier import is_post, screen_windows
+
+    assert all(is_post(screen_windows(t)) for t in LONG_INPUTS)
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["bench", "--only", "safety", "--json", str(out)])
+    assert main() == 0
+    table = capsys.readouterr().out
+    assert "input check of a 37-to-42-word message (post head)" in table
+    result = json.loads(out.read_text())
+    assert {"input_p95_ms", "output_p95_ms", "other_language_p95_ms", "long_input_p95_ms"} <= set(result["safety"])
+    assert all(v > 0 for v in result["safety"].values())
