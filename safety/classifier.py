@@ -193,18 +193,19 @@ class EmbeddingClassifier:
         return self.embed(parts) if parts else np.zeros((0, 1), dtype=np.float32)
 
     def scores(self, text: str) -> tuple[float, str]:
-        """(score, head) for a user message: 'input' for a short one, 'post' from POST_MIN_WORDS words on."""
+        """(score, head) for a user message: 'input' for a short one; from POST_MIN_WORDS words on
+        JOINT_POST where the multilingual embedder runs (`other_languages`), else 'post'."""
         parts = screen_windows(text, self.prepare)
         if not parts:
             return 0.0, "input"
         emb = self.embed(parts)
-        if is_post(parts) and JOINT_POST in self.heads and self.other_languages is not None:
-            emb = joint_embeddings(emb, self.other_languages.embed(parts))
-            coef, intercept, _ = self.heads[JOINT_POST]
-            return float(_sigmoid(post_features(emb) @ coef + intercept)), JOINT_POST
-        if "post" in self.heads and is_post(parts):
-            coef, intercept, _ = self.heads["post"]
-            return float(_sigmoid(post_features(emb) @ coef + intercept)), "post"
+        if is_post(parts):
+            head = JOINT_POST if JOINT_POST in self.heads and self.other_languages is not None else "post"
+            if head == JOINT_POST:
+                emb = joint_embeddings(emb, self.other_languages.embed(parts))
+            if head in self.heads:
+                coef, intercept, _ = self.heads[head]
+                return float(_sigmoid(post_features(emb) @ coef + intercept)), head
         coef, intercept, _ = self.heads["input"]
         return float(_sigmoid(emb @ coef + intercept).max()), "input"
 

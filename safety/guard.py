@@ -126,7 +126,7 @@ class Guard:
         # the multilingual heads for a message in another language (a classifier without `route`: as it is)
         route = getattr(self.classifier, "route", lambda _: (self.classifier, "en"))
         classifier, written_in = route(text)
-        score, head = classifier.scores(text)  # head: 'input', or 'post' from 20 words on
+        score, head = classifier.scores(text)  # head: 'input', or a post head from 20 words on
         threshold = classifier.threshold(head)
         if head == "input" and not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))
                                              or self.lexicon.softened(text)):

@@ -109,7 +109,8 @@ def enabled() -> bool:
         return False
     missing = installed()
     if missing:
-        log.warning("multilingual screening is off (%s): messages in other languages go to MiniLM", missing)
+        log.warning("multilingual screening is off (%s): MiniLM alone reads messages in other languages and "
+                    "long texts", missing)
         return False
     if not HEADS_FILE.is_file():
         log.warning("multilingual screening is off: no %s", HEADS_FILE)
