@@ -28,7 +28,7 @@ USER 1000
 # adapter) to ONNX once at build time:
 # the container then starts in seconds.
 RUN python -c "from chatbot.loading import convert_default_model; convert_default_model()" \
-    && python -c "from safety.classifier import load_embedder; load_embedder()" \
+    && python -c "from safety.classifier import load_embedder; load_embedder(); load_embedder('multilingual-e5-small')" \
     && python -c "from chatbot.config import DEFAULT_ADAPTER, ModelConfig; from chatbot.loading import load_onnx; load_onnx(ModelConfig(adapter=str(DEFAULT_ADAPTER)))"
 
 EXPOSE 7860

@@ -335,6 +335,13 @@ def about_text(service) -> str:
     ])
 
 
+def _warm_quietly(guard) -> None:
+    try:
+        guard.warm_up()
+    except Exception:  # noqa: BLE001 - main's own guard.warm_up() call meets it again and stops the app
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -349,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ModelConfig(model=args.model, adapter=args.adapter, quantize=args.quantize, merge=args.merge,
                           backend=args.backend)
         guard = Guard(SafetyConfig(region=args.region))  # no heads, no app (classifier.HeadsError)
+        # the screen's embedders load beside the chat model; warm_up below waits for them (and
+        # raises there if they failed)
+        threading.Thread(target=_warm_quietly, args=(guard,), name="safety-warm-up", daemon=True).start()
         model, tokenizer = load_model(cfg)
         onnx = load_onnx(cfg)
     except (ModelLoadError, AdapterError, ValueError) as exc:

@@ -67,7 +67,7 @@ def load_embedder(name: str = DEFAULT_EMBEDDER, backend: str | None = None):
 @lru_cache(maxsize=4)
 def _load_embedder(name: str, backend: str):
     if name == multilingual.EMBEDDER:
-        return multilingual.E5Embedder()
+        return multilingual.load_e5(backend)
     if backend != "torch":
         from . import onnx_embedder
 

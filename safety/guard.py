@@ -96,16 +96,19 @@ class Guard:
         self.classifier = classifier or default_classifier()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="safety")
         self._warm = threading.Event()
+        self._warm_lock = threading.Lock()
 
     def warm_up(self) -> None:
-        """Load the embedder now, so no check's deadline includes loading it."""
-        if not self._warm.is_set():
-            self.classifier.score("hello", "input")
-            other = getattr(self.classifier, "other_languages", None)
-            if other is not None:
-                multilingual.language("hola")
-                other.score("hola", "input")
-            self._warm.set()
+        """Load the embedders now, so no check's deadline includes loading them (a second caller
+        waits for the first: the app starts this beside the chat model's loading)."""
+        with self._warm_lock:
+            if not self._warm.is_set():
+                self.classifier.score("hello", "input")
+                other = getattr(self.classifier, "other_languages", None)
+                if other is not None:
+                    multilingual.language("hola")
+                    other.score("hola", "input")
+                self._warm.set()
 
     # --- checks -----------------------------------------------------------------------
     def _run(self, fn, *args) -> Verdict:

