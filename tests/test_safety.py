@@ -452,6 +452,27 @@ def test_failures_fail_closed(classifier, reason):
         assert verdict.crisis and reason in verdict.reasons
 
 
+def test_warm_up_from_two_threads_loads_once():
+    """The app warms the guard in a thread beside the chat model's loading, then calls warm_up
+    again: the second call waits for the first and loads nothing more."""
+    calls = []
+
+    class Counting(SlowClassifier):
+        def score(self, text, stage="input"):
+            calls.append(text)
+            time.sleep(0.3)
+            return 0.0
+
+    guard = Guard(classifier=Counting())
+    first = threading.Thread(target=guard.warm_up)
+    first.start()
+    time.sleep(0.05)
+    guard.warm_up()  # returns only once the embedder is loaded
+    assert calls == ["hello"]
+    first.join()
+    assert calls == ["hello"]
+
+
 def test_failing_output_check_replaces_reply():
     from safety import SafetyConfig
 
