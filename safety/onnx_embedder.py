@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,33 @@ def cache_key(path: str) -> str:
         stat = weights.stat()
         parts.append(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def building(folder: Path):
+    """A scratch folder beside `folder` to write a build into; it becomes `folder` only if the block
+    finishes, so a half-written build is never used."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".export-"))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def session(graph: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session for an embedder: up to 4 threads, and no busy-waiting between
+    checks (on a small CPU the spinning threads would slow decoding)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or min(4, len(os.sched_getaffinity(0)))
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
 
 def exportable(st_model) -> bool:
@@ -77,30 +105,24 @@ def export(st_model, folder: Path) -> Path:
     wrapper = MeanPooled(encoder).eval()
     sample = st_model.tokenizer(["a short example", "another, slightly longer example text"], padding=True,
                                 return_tensors="pt")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".export-"))
-    tmp.chmod(0o755)
     attention = encoder.config._attn_implementation
     try:
-        # eager attention exports as the pattern onnxruntime's BERT optimizer fuses (sdpa does not)
-        encoder.set_attn_implementation("eager")
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                wrapper, (sample["input_ids"], sample["attention_mask"]), str(tmp / GRAPH),
-                input_names=["input_ids", "attention_mask"], output_names=["embedding"],
-                dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}},
-                opset_version=17, dynamo=False,
-            )
-        _fuse(tmp / GRAPH, encoder.config)
-        st_model.tokenizer.save_pretrained(tmp)
-        (tmp / "embedder.json").write_text(json.dumps({"max_seq_length": int(st_model.max_seq_length)}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
+        with building(folder) as tmp:
+            # eager attention exports as the pattern onnxruntime's BERT optimizer fuses (sdpa does not)
+            encoder.set_attn_implementation("eager")
+            with warnings.catch_warnings(), torch.inference_mode():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    wrapper, (sample["input_ids"], sample["attention_mask"]), str(tmp / GRAPH),
+                    input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+                    dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}},
+                    opset_version=17, dynamo=False,
+                )
+            _fuse(tmp / GRAPH, encoder.config)
+            st_model.tokenizer.save_pretrained(tmp)
+            (tmp / "embedder.json").write_text(json.dumps({"max_seq_length": int(st_model.max_seq_length)}))
     finally:
         encoder.set_attn_implementation(attention)
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -125,14 +147,9 @@ class OnnxEmbedder:
     backend = "onnxruntime"
 
     def __init__(self, folder: Path, threads: int | None = None):
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or min(4, len(os.sched_getaffinity(0)))
-        # no busy-waiting between checks: on a small CPU the spinning threads would slow decoding
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(folder / GRAPH), options, providers=["CPUExecutionProvider"])
+        self.session = session(folder / GRAPH, threads)
         limit = json.loads((folder / "embedder.json").read_text())["max_seq_length"]
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.enable_truncation(limit)
