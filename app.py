@@ -335,13 +335,6 @@ def about_text(service) -> str:
     ])
 
 
-def _warm_quietly(guard) -> None:
-    try:
-        guard.warm_up()
-    except Exception:  # noqa: BLE001 - main's own guard.warm_up() call meets it again and stops the app
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -356,14 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ModelConfig(model=args.model, adapter=args.adapter, quantize=args.quantize, merge=args.merge,
                           backend=args.backend)
         guard = Guard(SafetyConfig(region=args.region))  # no heads, no app (classifier.HeadsError)
-        # the screen's embedders load beside the chat model; warm_up below waits for them (and
-        # raises there if they failed)
-        threading.Thread(target=_warm_quietly, args=(guard,), name="safety-warm-up", daemon=True).start()
         model, tokenizer = load_model(cfg)
         onnx = load_onnx(cfg)
     except (ModelLoadError, AdapterError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # after the model, not beside it: both import peft (sentence-transformers does), and two
+    # threads importing one package can meet it half-initialised (a CI run failed so)
     guard.warm_up()
     limits = Limits(queue_size=args.queue_size)
     engine = ChatEngine(model, tokenizer, limits.max_input_tokens, merged=bool(cfg.merge and cfg.adapter), onnx=onnx)
