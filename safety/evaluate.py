@@ -2,7 +2,8 @@
 
     python -m safety evaluate [--data ../shared/data/eval] [--json out.json] [--per-subreddit N]
 
-Sets: the project's own held-out test set (data/testset.yaml), XSTest's safe prompts, the Reddit
+Sets: the project's own held-out test sets (data/testset.yaml; data/testset_languages.yaml, in other
+languages than English), XSTest's safe prompts, the Reddit
 Mental Health Dataset sample's test part (r/SuicideWatch against control and support subreddits,
 post level; safety/reddit.py),
 the C-SSRS Reddit set (recall by severity, user level) and counsel-chat's test-split questions
@@ -27,6 +28,7 @@ from .guard import ConversationState, Guard
 from .reddit import CRISIS_SUBREDDIT, group_of, posts
 
 TESTSET = Path(__file__).parent / "data" / "testset.yaml"
+TESTSET_LANGUAGES = Path(__file__).parent / "data" / "testset_languages.yaml"
 DEVSET = Path(__file__).parent / "data" / "devset.yaml"
 
 
@@ -140,7 +142,7 @@ def dev(guard: Guard | None = None) -> int:
 def run(data_root: Path | None, per_subreddit: int | None = None, guard: Guard | None = None) -> dict:
     guard = guard or Guard()
     guard.warm_up()
-    result = {"own_testset": own_testset(guard)}
+    result = {"own_testset": own_testset(guard), "own_testset_languages": own_testset(guard, TESTSET_LANGUAGES)}
     if data_root and Path(data_root).is_dir():
         root = Path(data_root)
         result["xstest"] = xstest(guard, root)
@@ -151,13 +153,20 @@ def run(data_root: Path | None, per_subreddit: int | None = None, guard: Guard |
     return result
 
 
-def report(result: dict, title: str = "Own held-out test set") -> str:
+def _table(own: dict, title: str) -> list[str]:
     lines = [title, "| stage | label | category | n | metric | value |", "|---|---|---|---|---|---|"]
-    for r in result["own_testset"]["categories"]:
+    for r in own["categories"]:
         lines.append(f"| {r['stage']} | {r['label']} | {r['category']} | {r['n']} | {r['metric']} | {r['value']:.3f} |")
-    for stage, s in result["own_testset"]["summary"].items():
+    for stage, s in own["summary"].items():
         lines.append(f"\n{stage}: recall {s['recall']:.3f}, false-positive rate {s['false_positive_rate']:.3f} "
                      f"(n={s['n']}); latency p50 {s['latency_ms_p50']:.1f} ms, p95 {s['latency_ms_p95']:.1f} ms")
+    return lines
+
+
+def report(result: dict, title: str = "Own held-out test set") -> str:
+    lines = _table(result["own_testset"], title)
+    if "own_testset_languages" in result:
+        lines += [""] + _table(result["own_testset_languages"], "Own held-out test set, other languages than English")
     if "xstest" in result:
         x = result["xstest"]
         lines.append(f"\nXSTest safe prompts flagged: {x['safe_flagged']:.3f} (n={x['n']})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -684,11 +685,30 @@ def test_testset_does_not_overlap_training_examples():
 
     seen = {basic(t) for stage in ("input", "output") for t, _, _ in load_examples(stage=stage)}
     tested, dev = texts("testset.yaml"), texts("devset.yaml")
-    assert len(tested) >= 250
-    assert not [t for t in tested if basic(t) in seen]
-    # the development set, which changes are judged on, shares nothing with the test set or the
+    languages = texts("testset_languages.yaml")
+    assert len(tested) >= 250 and len(languages) >= 200
+    assert not [t for t in tested + languages if basic(t) in seen]
+    assert not {basic(t) for t in tested} & {basic(t) for t in languages}
+    # the development set, which changes are judged on, shares nothing with the test sets or the
     # training examples either (a training example in it would flatter the dev figures)
-    assert not {basic(t) for t in dev} & ({basic(t) for t in tested} | seen)
+    assert not {basic(t) for t in dev} & ({basic(t) for t in tested + languages} | seen)
+
+
+def test_cli_evaluate_prints_both_own_sets():
+    """`python -m safety evaluate --data ''`: the English and the other-language test sets, one row
+    per category with its size, and a summary line per stage."""
+    out = subprocess.run([sys.executable, "-m", "safety", "evaluate", "--data", ""], capture_output=True, text=True,
+                         cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    english, other = out.stdout.split("Own held-out test set, other languages than English")
+    data = yaml.safe_load((ROOT / "safety" / "data" / "testset_languages.yaml").read_text())
+    for label, groups in data["input"].items():
+        metric = "recall" if label == "crisis" else "false_positive_rate"
+        for category, texts in groups.items():
+            assert f"| input | {label} | {category} | {len(texts)} | {metric} | " in other
+    n = sum(len(texts) for groups in data["input"].values() for texts in groups.values())
+    assert re.search(rf"^input: recall [01]\.\d{{3}}, false-positive rate [01]\.\d{{3}} \(n={n}\)", other, re.M)
+    assert "| output | unsafe | method |" in english and "| output |" not in other
 
 
 def test_heads_match_examples_file():
