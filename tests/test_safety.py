@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from safety import ConversationState, Guard
-from safety.classifier import load_examples, windows
+from safety.classifier import EXAMPLES_FILE, load_examples, windows
 from safety.hotlines import directory, load
 from safety.normalize import normalize, variants
 from safety.responses import crisis_response
@@ -638,13 +638,34 @@ def test_multilingual_heads_file():
     """Fitted on the same examples, with the multilingual embedder; unit vectors of its width."""
     from safety import multilingual
     from safety.classifier import examples_digest, load_embedder
+    from safety.fit import MULTILINGUAL_EXAMPLES
 
     heads = json.loads(multilingual.HEADS_FILE.read_text())
     assert heads["embedder"] == multilingual.EMBEDDER and {"input", "output", "post"} <= set(heads["heads"])
     assert heads["examples_sha256"] == examples_digest(), "examples.yaml changed: refit (see safety/multilingual.py)"
+    assert heads["multilingual_examples_sha256"] == examples_digest(MULTILINGUAL_EXAMPLES), "refit (safety/multilingual.py)"
     vectors = load_embedder(multilingual.EMBEDDER).encode(["hola", "hello there"])
     assert vectors.shape == (2, len(heads["heads"]["input"]["coef"])) == (2, 384)
     assert abs(float((vectors ** 2).sum(axis=1).min()) - 1) < 1e-3
+
+
+def test_multilingual_heads_learn_no_language_as_a_crisis():
+    """Round 15: examples.yaml's messages in other languages are all crises, so heads that read
+    every language learnt "not English" as a sign of crisis (plain requests in Dutch or Turkish
+    scored 0.75-0.9). The multilingual heads' examples have no language other than English that
+    only crises are in, and have more everyday messages; MiniLM's are examples.yaml's as before."""
+    from safety import multilingual
+    from safety.fit import training_examples
+
+    rows = training_examples(EXAMPLES_FILE, "input", multilingual.EMBEDDER)
+    assert training_examples(EXAMPLES_FILE, "input", "all-MiniLM-L6-v2") == load_examples(stage="input")
+    labels_by_language: dict[str, set[int]] = {}
+    for text, label, _ in rows:
+        labels_by_language.setdefault(multilingual.language(text), set()).add(label)
+    assert labels_by_language.pop("en") == {0, 1}
+    assert {1} not in labels_by_language.values(), labels_by_language
+    everyday = [t for t, label, category in rows if category == "everyday" and label == 0]
+    assert len(everyday) >= 50
 
 
 def test_hotline_directory_schema_and_dates():
@@ -686,6 +707,7 @@ def test_testset_does_not_overlap_training_examples():
     seen = {basic(t) for stage in ("input", "output") for t, _, _ in load_examples(stage=stage)}
     tested, dev = texts("testset.yaml"), texts("devset.yaml")
     languages = texts("testset_languages.yaml")
+    seen |= {basic(t) for t in texts("examples_multilingual.yaml")}
     assert len(tested) >= 250 and len(languages) >= 200
     assert not [t for t in tested + languages if basic(t) in seen]
     assert not {basic(t) for t in tested} & {basic(t) for t in languages}
