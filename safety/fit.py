@@ -36,6 +36,12 @@ from .lexicon import default_lexicon
 # input: recall first (a miss can cost a life); output: no false blocks on the dev split, since
 # replacing a supportive reply with a hotline card teaches people to stop talking.
 TARGET_RECALL = {"input": 0.97, "output": None, "post": 0.93}
+# The multilingual input head is fitted on English and reads other languages, where it catches less
+# than on the examples: on the dev set's 53 indirect crisis messages in other languages (round 15)
+# 46 at 0.97, 49 at 0.98 (the old heads' count), 51 at 0.99; everyday messages flagged in the
+# lexicon's languages and in others: 17% and 29% at 0.97, 24% and 29% at 0.98, 36% and 46% at
+# 0.99. So it aims a point higher.
+MULTILINGUAL_INPUT_RECALL = 0.98
 C = 16.0
 POST_C = 1.0
 # counsel-chat's questions in the post head, each at a fifth of a post's weight. On the development
@@ -198,7 +204,8 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
         oof = cross_val_predict(clf, x, y, cv=_folds(seed), method="predict_proba")[:, 1]
         lexicon = default_lexicon()
         hits = np.array([any(h.severity == "high" for h in lexicon.match(t, stage)) for t, _, _ in rows])
-        threshold = _lowest_fpr_threshold(y, oof, hits, TARGET_RECALL[stage])
+        target = MULTILINGUAL_INPUT_RECALL if (stage, embedder) == ("input", multilingual.EMBEDDER) else TARGET_RECALL[stage]
+        threshold = _lowest_fpr_threshold(y, oof, hits, target)
         clf.fit(x, y)
         pred = hits | (oof >= threshold)
         report[stage] = {

@@ -149,6 +149,9 @@ def test_thinking_about_death_needs_the_classifier_to_agree(guard):
     "ik denk elke dag aan zelfmoord", "iedereen is beter af zonder mij", "myślę codziennie o samobójstwie",
     "znów się pocięłam", "mi amiga quiere suicidarse", "mein Bruder redet von Selbstmord",
     "me muero de ganas de morir", "morrendo de vontade de morrer",  # an idiom's words, in earnest
+    # burning oneself (round 15; English had it, these had cutting only)
+    "me quemo con cigarrillos cuando estoy mal", "je me brûle exprès avec un briquet", "ich habe mich absichtlich verbrannt",
+    "me queimei de propósito", "mi brucio apposta le braccia", "ik heb mezelf expres verbrand", "przypalam się papierosami",
 ])
 def test_other_languages_are_caught_by_the_lexicon_alone(guard, text):
     """The classifier reads English, so in the other seven languages the lexicon must catch the
@@ -159,11 +162,12 @@ def test_other_languages_are_caught_by_the_lexicon_alone(guard, text):
 
 @pytest.mark.parametrize("text", [
     "me corté el pelo ayer", "die Hitze bringt mich um", "este examen me va a matar", "me cortei o dedo",
-    "mi taglio i capelli domani",
+    "mi taglio i capelli domani", "me quemé con la plancha", "ich habe mich am Ofen verbrannt",
+    "je me suis brûlé en cuisinant", "mi sono bruciata con il forno", "me queimei com óleo quente",
 ])
 def test_other_languages_everyday_words_are_no_lexicon_hit(guard, text):
     """The same verbs in everyday use: a haircut, "the heat is killing me" (said of the heat, not
-    by the speaker about themselves)."""
+    by the speaker about themselves), a kitchen burn."""
     assert not [h for h in guard.lexicon.match(text, "input") if h.severity == "high"], text
 
 
