@@ -50,15 +50,13 @@ POST_C = 1.0
 # 3.8 / 4.2 / 4.2 / 4.4 / 5.2 / 5.5% of control posts: 0.2 halves the first and keeps the second
 # well inside its 5% target.
 COUNSEL_WEIGHT = 0.2
-
-
 MULTILINGUAL_EXAMPLES = Path(__file__).parent / "data" / "examples_multilingual.yaml"
 
 
 def training_examples(examples: Path, stage: str, embedder: str) -> list[tuple[str, int, str]]:
-    """The examples a head of `embedder` is fitted on. The multilingual heads (round 15): without
-    examples.yaml's messages in other languages, which are all crises, so that they taught the
-    heads that another language means a crisis; with MULTILINGUAL_EXAMPLES' everyday ones."""
+    """The examples a head of `embedder` is fitted on. The multilingual heads (round 15) leave out
+    examples.yaml's messages in other languages, which are all crises and so taught them that
+    another language means a crisis, and add MULTILINGUAL_EXAMPLES' everyday ones."""
     rows = load_examples(examples, stage)
     if embedder != multilingual.EMBEDDER:
         return rows
