@@ -99,8 +99,8 @@ class Guard:
         self._warm_lock = threading.Lock()
 
     def warm_up(self) -> None:
-        """Load the embedders now, so no check's deadline includes loading them (a second caller
-        waits for the first: the app starts this beside the chat model's loading)."""
+        """Load the embedders now, so no check's deadline includes loading them. Safe from several
+        threads: a second caller waits for the first and loads nothing more."""
         with self._warm_lock:
             if not self._warm.is_set():
                 self.classifier.score("hello", "input")

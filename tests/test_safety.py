@@ -458,8 +458,8 @@ def test_failures_fail_closed(classifier, reason):
 
 
 def test_warm_up_from_two_threads_loads_once():
-    """The app warms the guard in a thread beside the chat model's loading, then calls warm_up
-    again: the second call waits for the first and loads nothing more."""
+    """warm_up called from two threads at once (a host that starts workers side by side): the
+    second call waits for the first and loads nothing more."""
     calls = []
 
     class Counting(SlowClassifier):
@@ -639,7 +639,8 @@ def test_multilingual_screening_can_be_off_or_missing(monkeypatch, caplog):
 
 
 def test_multilingual_heads_file():
-    """Fitted on the same examples, with the multilingual embedder; unit vectors of its width."""
+    """Fitted on examples.yaml's English examples and examples_multilingual.yaml (the digests of
+    both recorded), with the multilingual embedder; unit vectors of its width."""
     from safety import multilingual
     from safety.classifier import examples_digest, load_embedder
     from safety.fit import MULTILINGUAL_EXAMPLES
