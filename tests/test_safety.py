@@ -657,18 +657,22 @@ def test_multilingual_heads_file():
 def test_multilingual_heads_learn_no_language_as_a_crisis():
     """Round 15: examples.yaml's messages in other languages are all crises, so heads that read
     every language learnt "not English" as a sign of crisis (plain requests in Dutch or Turkish
-    scored 0.75-0.9). The multilingual heads' examples have no language other than English that
-    only crises are in, and have more everyday messages; MiniLM's are examples.yaml's as before."""
+    scored 0.75-0.9); round 8 had found the opposite with ordinary messages alone. Since round 16
+    the multilingual heads' examples hold crisis and ordinary messages in many languages in about
+    equal numbers, so no language is a sign of either label; MiniLM's are examples.yaml's as before."""
     from safety import multilingual
     from safety.fit import training_examples
 
     rows = training_examples(EXAMPLES_FILE, "input", multilingual.EMBEDDER)
     assert training_examples(EXAMPLES_FILE, "input", "all-MiniLM-L6-v2") == load_examples(stage="input")
-    labels_by_language: dict[str, set[int]] = {}
+    labels_by_language: dict[str, list[int]] = {}
     for text, label, _ in rows:
-        labels_by_language.setdefault(multilingual.language(text), set()).add(label)
-    assert labels_by_language.pop("en") == {0, 1}
-    assert {1} not in labels_by_language.values(), labels_by_language
+        labels_by_language.setdefault(multilingual.language(text), []).append(label)
+    assert set(labels_by_language.pop("en")) == {0, 1}
+    assert not [code for code, labels in labels_by_language.items() if set(labels) == {1}], labels_by_language
+    balanced = [code for code, labels in labels_by_language.items()
+                if len(labels) >= 6 and 0.3 <= sum(labels) / len(labels) <= 0.7]
+    assert len(balanced) >= 12, labels_by_language
     everyday = [t for t, label, category in rows if category == "everyday" and label == 0]
     assert len(everyday) >= 50
 
