@@ -190,6 +190,7 @@ def report(result: dict, title: str = "Own held-out test set") -> str:
 def main(data_root: str | None, json_out: str | None, per_subreddit: int | None) -> int:
     result = run(Path(data_root) if data_root else None, per_subreddit)
     print(report(result))
-    if json_out:
+    if json_out:  # `make eval-safety` writes into bench/results/, which a fresh clone does not have
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -725,12 +725,15 @@ def test_testset_does_not_overlap_training_examples():
     assert not {basic(t) for t in dev} & ({basic(t) for t in tested + languages} | seen)
 
 
-def test_cli_evaluate_prints_both_own_sets():
+def test_cli_evaluate_prints_both_own_sets(tmp_path):
     """`python -m safety evaluate --data ''`: the English and the other-language test sets, one row
-    per category with its size, and a summary line per stage."""
-    out = subprocess.run([sys.executable, "-m", "safety", "evaluate", "--data", ""], capture_output=True, text=True,
-                         cwd=ROOT, timeout=600)
+    per category with its size, and a summary line per stage; --json into a folder that does not
+    exist yet (`make eval-safety` writes bench/results/, absent from a fresh clone) makes it."""
+    json_out = tmp_path / "results" / "safety_eval.json"
+    out = subprocess.run([sys.executable, "-m", "safety", "evaluate", "--data", "", "--json", str(json_out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
+    assert json.loads(json_out.read_text())["own_testset"]["summary"]["input"]["n"] == 238
     english, other = out.stdout.split("Own held-out test set, other languages than English")
     data = yaml.safe_load((ROOT / "safety" / "data" / "testset_languages.yaml").read_text())
     for label, groups in data["input"].items():
