@@ -1015,9 +1015,13 @@ def test_bench_only_safety_prints_the_check_latencies(tmp_path, monkeypatch, cap
     assert all(is_post(screen_windows(t)) for t in LONG_INPUTS)
     out = tmp_path / "bench.json"
     monkeypatch.setattr(sys, "argv", ["bench", "--only", "safety", "--json", str(out)])
+    monkeypatch.setattr("bench.__main__.IDLE_CHECKS", 3)  # the checks after an idle pause: fewer, shorter pauses
+    monkeypatch.setattr("bench.__main__.IDLE_PAUSE_S", 0.05)
     assert main() == 0
     table = capsys.readouterr().out
     assert "input check of a 37-to-42-word message (post head)" in table
+    assert "after a 0.05 s pause, no reply before it (3 checks)" in table
     result = json.loads(out.read_text())
-    assert {"input_p95_ms", "output_p95_ms", "other_language_p95_ms", "long_input_p95_ms"} <= set(result["safety"])
+    assert {"input_p95_ms", "output_p95_ms", "other_language_p95_ms", "long_input_p95_ms",
+            "input_after_pause_p95_ms"} <= set(result["safety"])
     assert all(v > 0 for v in result["safety"].values())
