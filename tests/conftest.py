@@ -70,6 +70,17 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir_4bit(tmp_path_factory, tokenizer):
+    """The tiny Llama 64 wide, for bitsandbytes' 4-bit layers: on a CPU with AVX-512 BF16 they
+    repack weights in blocks of 64 input features, and a 32-wide layer fails there ("shape
+    '[32, 0]' is invalid"). Real models' widths are multiples of 64."""
+    path = tmp_path_factory.mktemp("tiny-model-64")
+    make_tiny_model(len(tokenizer), hidden=64).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def guard():
     from safety import Guard
 

@@ -252,7 +252,8 @@ def test_other_architectures(tokenizer, kind, int8):
 
 
 def test_real_model_replies_are_unchanged(default_model_dir, monkeypatch):
-    """The default model through the app's engine: the same reply with and without the lean loop."""
+    """The default model through the app's engine: the same reply with and without the lean loop, or
+    one that parts from it only at a near-tie (see below)."""
     from chatbot.config import DEFAULT_ADAPTER, GenerationConfig
     from chatbot.prompts import build_messages
 
@@ -264,8 +265,31 @@ def test_real_model_replies_are_unchanged(default_model_dir, monkeypatch):
         lean = engine.reply(messages, gen, adapter=adapter)
         assert engine.reply(messages, gen, adapter=adapter) == lean  # the system prompt's kept keys reused
         monkeypatch.setenv("CHATBOT_DECODER", "transformers")
-        assert engine.reply(messages, gen, adapter=adapter) == lean and len(lean) > 40
+        reference = engine.reply(messages, gen, adapter=adapter)
         monkeypatch.delenv("CHATBOT_DECODER")
+        assert len(lean) > 40
+        if reference != lean:  # allowed only where rounding can break a tie
+            _assert_parted_at_a_near_tie(engine, messages, adapter, lean, reference)
+
+
+def _assert_parted_at_a_near_tie(engine, messages, adapter, a: str, b: str, margin: float = 0.5):
+    """Two greedy replies of the same model may part only where the tokens each chose score within
+    `margin` of the model's best next token: there the order of float sums decides, and the lean
+    loop (the system prompt's kept keys, a static cache) sums in another order than `generate`.
+    On the AVX2 machines of this project the default model's replies were identical; on an AVX-512
+    one, with the shipped adapter, they parted after 34 tokens where five candidates scored within
+    0.3 of each other (20.25-20.53). A lean loop that read the wrong positions or cache would part
+    early, at a clear winner."""
+    tok = engine.tokenizer
+    ta, tb = tok.encode(a, add_special_tokens=False), tok.encode(b, add_special_tokens=False)
+    k = next(i for i, (x, y) in enumerate(zip(ta, tb)) if x != y)
+    assert k >= 20, (a, b)  # the loops agree for a long start
+    ids, _ = engine.prepare(messages)
+    with engine.lock, engine.use_adapter(adapter), torch.no_grad():
+        logits = engine.model(torch.tensor([ids + ta[:k]])).logits[0, -1].float()
+    best = float(logits.max())
+    for chosen in (ta[k], tb[k]):
+        assert best - float(logits[chosen]) < margin, (tok.decode([chosen]), best, float(logits[chosen]))
 
 
 def _logits_both(model, ids):

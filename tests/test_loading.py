@@ -45,8 +45,8 @@ def test_quantization_translator():
         ModelConfig(quantize="3bit")
 
 
-def test_4bit_on_cpu_generates(tiny_dir):
-    model, tok = load_model(ModelConfig(model=str(tiny_dir), quantize="4bit", adapter=None))
+def test_4bit_on_cpu_generates(tiny_dir_4bit):
+    model, tok = load_model(ModelConfig(model=str(tiny_dir_4bit), quantize="4bit", adapter=None))
     assert getattr(model, "is_loaded_in_4bit", False)
     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False)
     assert out.shape[1] == 7

@@ -346,14 +346,14 @@ def test_evaluate_writes_report_comparing_base_and_adapter(tiny_dir, qa_file, tm
     assert json.loads((out / "report.json").read_text())["samples"][0]["question"] == QA[0][0]
 
 
-def test_qlora_trains_on_a_4bit_base(tiny_dir, qa_file, tmp_path):
+def test_qlora_trains_on_a_4bit_base(tiny_dir_4bit, qa_file, tmp_path):
     """bitsandbytes 0.50 runs NF4 on the CPU too, so the QLoRA path is exercised here."""
     import bitsandbytes as bnb
 
     from training.sft import build_datasets
     from training.trainer import train
 
-    cfg = _sft_cfg(tiny_dir, qa_file, tmp_path / "qlora", quantize="4bit")
+    cfg = _sft_cfg(tiny_dir_4bit, qa_file, tmp_path / "qlora", quantize="4bit")
     metrics, model = train(cfg, "sft", lambda tok: build_datasets(cfg, tok))
     assert metrics["steps"] == 2
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())  # the base really is 4-bit
