@@ -36,14 +36,22 @@ from pathlib import Path
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
+    """The CPU, its vector instructions (machines of one name differ: AVX2 alone, or AVX-512 with
+    VNNI and BF16, which change kernels and their speed), cores, OS and Python."""
+    cpu, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "unknown CPU":
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    if "avx512f" in flags:
+        extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16")) if flag in flags]
+        cpu += " (AVX-512" + (" with " + " and ".join(extras) if extras else "") + ")"
+    elif "avx2" in flags:
+        cpu += " (AVX2, no AVX-512)"
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
 
 
