@@ -157,23 +157,34 @@ def bench_variants(tokens: int) -> dict:
     return out
 
 
-def _input_check_in_app(engine, guard, messages, rounds: int = 40, pause_s: float = 0.5,
-                        texts: list[str] | None = None) -> tuple[float, float]:
+IDLE_CHECKS, IDLE_PAUSE_S = 40, 0.5  # checks after a pause: how many, and the pause (the user typing)
+
+
+def _timed_checks(check, texts: list[str], n: int, before=None) -> tuple[float, float]:
+    """(p50, p95) ms of `n` calls of `check` over `texts` in turn; `before()` runs untimed before each."""
+    ms = []
+    for i in range(n):
+        if before is not None:
+            before()
+        t = time.perf_counter()
+        check(texts[i % len(texts)])
+        ms.append((time.perf_counter() - t) * 1000)
+    return _p50_p95(ms)
+
+
+def _input_check_in_app(engine, guard, messages, texts: list[str] | None = None) -> tuple[float, float]:
     """(p50, p95) ms of the input check as the app meets it: after a reply has streamed the chat
     model's weights through the caches, and a pause while the user types. bench_safety times
-    checks back to back, with MiniLM's weights still in cache; here they come from memory."""
+    checks back to back, and after the pause alone."""
     from chatbot.config import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=32, temperature=0, repetition_penalty=1.0)
-    texts = texts or SAFETY_INPUTS
-    ms = []
-    for i in range(rounds):
+
+    def reply_then_pause():
         "".join(engine.stream(messages, gen))
-        time.sleep(pause_s)
-        t = time.perf_counter()
-        guard.check_input(texts[i % len(texts)])
-        ms.append((time.perf_counter() - t) * 1000)
-    return _p50_p95(ms)
+        time.sleep(IDLE_PAUSE_S)
+
+    return _timed_checks(guard.check_input, texts or SAFETY_INPUTS, IDLE_CHECKS, reply_then_pause)
 
 
 WRAPPER_PAIRS, WRAPPER_PAIRS_APP = 31, 25  # the ONNX engine's pairs: 64-token reply, app settings
@@ -491,26 +502,13 @@ def bench_safety(n: int = 60) -> dict:
     for stage, texts, fn in (("input", inputs, guard.check_input), ("output", outputs, guard.check_output),
                              ("other_language", OTHER_LANGUAGE_INPUTS, guard.check_input),
                              ("long_input", LONG_INPUTS, guard.check_input)):
-        ms = []
-        for i in range(n):
-            t = time.perf_counter()
-            fn(texts[i % len(texts)])
-            ms.append((time.perf_counter() - t) * 1000)
-        res[f"{stage}_p50_ms"], res[f"{stage}_p95_ms"] = _p50_p95(ms)
+        res[f"{stage}_p50_ms"], res[f"{stage}_p95_ms"] = _timed_checks(fn, texts, n)
     # The control for the in-app row (bench_variants): the same pause with no reply before it. Where
     # this is as slow as the in-app figure, the cost is the idle machine's (a cold core and caches),
     # not the chat model's weights pushing MiniLM's out of the caches.
-    ms = []
-    for i in range(IDLE_CHECKS):
-        time.sleep(IDLE_PAUSE_S)
-        t = time.perf_counter()
-        guard.check_input(inputs[i % len(inputs)])
-        ms.append((time.perf_counter() - t) * 1000)
-    res["input_after_pause_p50_ms"], res["input_after_pause_p95_ms"] = _p50_p95(ms)
+    res["input_after_pause_p50_ms"], res["input_after_pause_p95_ms"] = _timed_checks(
+        guard.check_input, inputs, IDLE_CHECKS, lambda: time.sleep(IDLE_PAUSE_S))
     return res
-
-
-IDLE_CHECKS, IDLE_PAUSE_S = 40, 0.5  # as _input_check_in_app's rounds and pause
 
 
 def _after_pause_row(g: dict) -> str:
@@ -585,7 +583,7 @@ def main() -> int:
     print(f"| compare, cold (nothing kept): two answers against one (median of {c['repeats']}) | {c['batched_cold_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_cold_s']:.2f} s | {c['vs_single_cold']:.2f}x the time |")
     print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
-    print(f"| input check p50 / p95 as in the app: after a reply and a 0.5 s pause | {v['input_check_in_app_p50_ms']:.1f} / {v['input_check_in_app_p95_ms']:.1f} ms | back to back (above) | |")
+    print(f"| input check p50 / p95 as in the app: after a reply and a {IDLE_PAUSE_S} s pause | {v['input_check_in_app_p50_ms']:.1f} / {v['input_check_in_app_p95_ms']:.1f} ms | back to back (above) | |")
     print(_after_pause_row(g))
     print(f"| input check in another language (multilingual heads) p50 / p95, back to back; as in the app | {g['other_language_p50_ms']:.1f} / {g['other_language_p95_ms']:.1f} ms; {v['other_language_check_in_app_p50_ms']:.1f} / {v['other_language_check_in_app_p95_ms']:.1f} ms | | |")
     print(_long_input_row(g))

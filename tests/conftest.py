@@ -60,13 +60,16 @@ def save_adapter(path, hidden=32, vocab=None, seed=1, targets=("q_proj", "v_proj
     return path
 
 
+def _save_tiny(folder, tokenizer, hidden: int = 32):
+    make_tiny_model(len(tokenizer), hidden=hidden).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama saved with the default model's real tokenizer."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    make_tiny_model(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_tiny(tmp_path_factory.mktemp("tiny-model"), tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -74,10 +77,7 @@ def tiny_dir_4bit(tmp_path_factory, tokenizer):
     """The tiny Llama 64 wide, for bitsandbytes' 4-bit layers: on a CPU with AVX-512 BF16 they
     repack weights in blocks of 64 input features, and a 32-wide layer fails there ("shape
     '[32, 0]' is invalid"). Real models' widths are multiples of 64."""
-    path = tmp_path_factory.mktemp("tiny-model-64")
-    make_tiny_model(len(tokenizer), hidden=64).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return _save_tiny(tmp_path_factory.mktemp("tiny-model-64"), tokenizer, hidden=64)
 
 
 @pytest.fixture(scope="session")

@@ -282,7 +282,8 @@ def _assert_parted_at_a_near_tie(engine, messages, adapter, a: str, b: str, marg
     early, at a clear winner."""
     tok = engine.tokenizer
     ta, tb = tok.encode(a, add_special_tokens=False), tok.encode(b, add_special_tokens=False)
-    k = next(i for i, (x, y) in enumerate(zip(ta, tb)) if x != y)
+    k = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), None)
+    assert k is not None, (a, b)  # one reply stops where the other goes on: not a tie
     assert k >= 20, (a, b)  # the loops agree for a long start
     ids, _ = engine.prepare(messages)
     with engine.lock, engine.use_adapter(adapter), torch.no_grad():
