@@ -12,7 +12,8 @@
   copy's speed; then the ONNX Runtime GenAI engine (chatbot/onnx_engine.py, the app's chat path
   on a CPU) with the same prompts, baseline and ceiling;
 - compare: base and fine-tuned answers from one two-row batch against two answers one after the
-  other and against one fine-tuned answer, same token counts;
+  other and against one fine-tuned answer, same token counts: on the app's engines (on a CPU the
+  ONNX pair model, against one answer on the ONNX chat path), then on the torch engine alone;
 - the system prompt's kept keys and values (decoder.PREFIXES): every figure with the app's
   system prompt is taken after a warm-up reply, as in a running app; the time to first token and
   compare are also given cold, with nothing kept;
@@ -421,20 +422,25 @@ def _onnx_decoding(model, tok, messages, short, tokens, baseline, baseline_rate,
             "onnx_mb_per_token": mb, "onnx_ceiling_tok_s": ceiling, "onnx_share_of_ceiling": rate / ceiling}
 
 
-def bench_compare(tokens: int, repeats: int = 3) -> dict:
+def bench_compare(tokens: int, repeats: int = 3, backend: str = "auto") -> dict:
+    """Compare's two answers against one fine-tuned answer, on the app's engines: with backend
+    auto on a CPU, one answer on the ONNX chat path (system prompt kept) and the pair on the ONNX
+    pair model (onnx_pair.py); with backend torch, both on the torch engine."""
     from chatbot import decoder
     from chatbot.compare import stream_pair
     from chatbot.config import DEFAULT_ADAPTER, GenerationConfig, ModelConfig
     from chatbot.generation import BASE, ChatEngine
-    from chatbot.loading import load_model
+    from chatbot.loading import load_model, load_onnx
     from chatbot.prompts import build_messages
 
-    model, tok = load_model(ModelConfig(adapter=str(DEFAULT_ADAPTER)))
-    engine = ChatEngine(model, tok)
+    cfg = ModelConfig(adapter=str(DEFAULT_ADAPTER), backend=backend)
+    model, tok = load_model(cfg)
+    engine = ChatEngine(model, tok, onnx=load_onnx(cfg))
     name = [a for a in engine.adapters if a != BASE][0]
+    engine_name = "onnx" if engine.onnx_pair((BASE, name)) else "torch"
     messages = build_messages([], "I feel anxious before every meeting at work. How can I calm down?")
     gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
-    model.generation_config.min_new_tokens = tokens  # both paths write exactly `tokens` per answer
+    model.generation_config.min_new_tokens = tokens  # every path writes exactly `tokens` per answer
     warm = GenerationConfig(max_new_tokens=4, temperature=0)
     runs = {BASE: lambda g: list(engine.stream(messages, g, adapter=BASE)),
             name: lambda g: list(engine.stream(messages, g, adapter=name)),
@@ -445,6 +451,8 @@ def bench_compare(tokens: int, repeats: int = 3) -> dict:
     def timed(label: str, clear: bool) -> float:
         if clear:
             decoder.PREFIXES.clear()
+            if engine.onnx is not None:
+                engine.onnx.forget()
         t = time.perf_counter()
         runs[label](gen)
         return time.perf_counter() - t
@@ -464,10 +472,30 @@ def bench_compare(tokens: int, repeats: int = 3) -> dict:
     cold = {label: statistics.median(v) for label, v in cold.items()}
     model.generation_config.min_new_tokens = None
     sequential, batched = times[BASE] + times[name], times["pair"]
-    return {"tokens_per_answer": tokens, "single_fine_tuned_s": times[name], "sequential_s": sequential,
-            "batched_s": batched, "speedup": sequential / batched, "vs_single": batched / times[name],
-            "single_fine_tuned_cold_s": cold[name], "batched_cold_s": cold["pair"],
+    return {"engine": engine_name, "tokens_per_answer": tokens, "single_fine_tuned_s": times[name],
+            "sequential_s": sequential, "batched_s": batched, "speedup": sequential / batched,
+            "vs_single": batched / times[name], "single_fine_tuned_cold_s": cold[name], "batched_cold_s": cold["pair"],
             "vs_single_cold": cold["pair"] / cold[name], "repeats": repeats}
+
+
+def _compare_rows(c: dict) -> list[str]:
+    where = ("ONNX pair model, the app's Compare on a CPU; one answer on the ONNX chat path" if c["engine"] == "onnx"
+             else "torch engine, both sides")
+    return [f"| compare ({where}): two {c['tokens_per_answer']}-token answers, one two-row batch | {c['batched_s']:.2f} s | one after the other {c['sequential_s']:.2f} s | {c['speedup']:.2f}x faster |",
+            f"| compare ({where}): two answers against one (median of {c['repeats']}) | {c['batched_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_s']:.2f} s | {c['vs_single']:.2f}x the time |",
+            f"| compare ({where}), cold (nothing kept): two answers against one | {c['batched_cold_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_cold_s']:.2f} s | {c['vs_single_cold']:.2f}x the time |"]
+
+
+def _compare_only(path: str, tokens: int) -> int:
+    """`python -m bench --only compare`: Compare on the app's engine and on the torch engine."""
+    result = {"machine": machine(), "compare": bench_compare(tokens), "compare_torch": bench_compare(tokens, backend="torch")}
+    print(f"Machine: {result['machine']}")
+    print("| measure | value | baseline | ratio |\n|---|---|---|---|")
+    for row in _compare_rows(result["compare"]) + _compare_rows(result["compare_torch"]):
+        print(row)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 SAFETY_INPUTS = ["I've been feeling a bit low this week and I'm not sure why.", "I want to kill myself",
@@ -544,15 +572,19 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--json", default="bench/results/bench.json")
-    p.add_argument("--only", choices=["safety"], help="only the safety checks' back-to-back latencies (a minute)")
+    p.add_argument("--only", choices=["safety", "compare"],
+                   help="safety: only the safety checks' back-to-back latencies (a minute); compare: only Compare (two minutes)")
     args = p.parse_args()
     if args.only == "safety":
         return _safety_only(args.json)
+    if args.only == "compare":
+        return _compare_only(args.json, args.tokens)
     import torch
 
     result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "startup": bench_startup(),
               "decoding": bench_decoding(args.tokens), "variants": bench_variants(args.tokens),
-              "compare": bench_compare(args.tokens), "safety": bench_safety(), "training": bench_training()}
+              "compare": bench_compare(args.tokens), "compare_torch": bench_compare(args.tokens, backend="torch"),
+              "safety": bench_safety(), "training": bench_training()}
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s, d, g, c = result["startup"], result["decoding"], result["safety"], result["compare"]
     v, tr = result["variants"], result["training"]
@@ -578,9 +610,8 @@ def main() -> int:
     print(f"| time to first token, {d['short_prompt_tokens']}-token prompt | {d['time_to_first_token_short_s']:.2f} s | | |")
     print(f"| time to first token, {d['prompt_tokens']}-token prompt (app's system prompt, kept) | {d['time_to_first_token_s']:.2f} s | cold, nothing kept {d['time_to_first_token_cold_s']:.2f} s | {d['time_to_first_token_cold_s'] / d['time_to_first_token_s']:.1f}x sooner |")
     print(f"| output-check stream wrapper, added to decoding time (torch engine) | {v['stream_wrapper_overhead']:+.1%} | same engine without it | |")
-    print(f"| compare: two {c['tokens_per_answer']}-token answers, one two-row batch | {c['batched_s']:.1f} s | one after the other {c['sequential_s']:.1f} s | {c['speedup']:.2f}x faster |")
-    print(f"| compare: two answers against one (median of {c['repeats']}) | {c['batched_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_s']:.2f} s | {c['vs_single']:.2f}x the time |")
-    print(f"| compare, cold (nothing kept): two answers against one (median of {c['repeats']}) | {c['batched_cold_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_cold_s']:.2f} s | {c['vs_single_cold']:.2f}x the time |")
+    for row in _compare_rows(c) + _compare_rows(result["compare_torch"]):
+        print(row)
     print(f"| input check p50 / p95 | {g['input_p50_ms']:.1f} / {g['input_p95_ms']:.1f} ms | | |")
     print(f"| output check p50 / p95 | {g['output_p50_ms']:.1f} / {g['output_p95_ms']:.1f} ms | | |")
     print(f"| input check p50 / p95 as in the app: after a reply and a {IDLE_PAUSE_S} s pause | {v['input_check_in_app_p50_ms']:.1f} / {v['input_check_in_app_p95_ms']:.1f} ms | back to back (above) | |")

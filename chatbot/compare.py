@@ -64,8 +64,9 @@ def stream_pair(engine, messages: list[dict], gen: GenerationConfig | None, stop
     stop = stop or threading.Event()
     names = [PEFT_BASE if a == BASE else a for a in adapters]
     model = engine.model
+    pair = engine.onnx_pair(tuple(adapters))  # the ONNX pair model where there is one
     for name in names:
-        if name != PEFT_BASE and name not in getattr(model, "peft_config", {}):
+        if pair is None and name != PEFT_BASE and name not in getattr(model, "peft_config", {}):
             raise ValueError(f"No adapter {name!r} is loaded for comparison.")
     ids, _ = engine.prepare(messages)
     out: queue.Queue = queue.Queue()
@@ -77,11 +78,11 @@ def stream_pair(engine, messages: list[dict], gen: GenerationConfig | None, stop
     kwargs["attention_mask"] = kwargs["attention_mask"].repeat(2, 1)
     # int8 on CPU: each row runs its own merged int8 weights in one forward pass; otherwise PEFT
     # picks the adapter per row (adapter_names) on the shared base weights
-    context = engine.pair_context(tuple(adapters))
-    if context is None:
+    context = None if pair else engine.pair_context(tuple(adapters))
+    if context is None and pair is None:
         kwargs["adapter_names"] = names
     thread, errors = engine.start_generate(kwargs, streamer, gen, stop, adapter=None, context=context,
-                                           shared_prefix=engine.shared_prefix(messages, ids))
+                                           shared_prefix=engine.shared_prefix(messages, ids), onnx_pair=pair)
     filters = [ThinkFilter(), ThinkFilter()]
     try:
         while (item := out.get()) is not _DONE:

@@ -72,6 +72,14 @@ class ThinkFilter:
         return rest
 
 
+def add_pair(onnx, name: str, adapter_dir) -> None:
+    """Compare's ONNX pair model for an adapter; on failure Compare runs on the torch engine."""
+    try:
+        onnx.add_pair(name, adapter_dir)
+    except Exception as exc:  # noqa: BLE001 - Compare still works, on torch; the app must start
+        log.warning("Compare with %s runs on the torch engine: %s", name, exc)
+
+
 class ChatEngine:
     """Holds one model and tokenizer; streams replies for chat messages."""
 
@@ -125,6 +133,14 @@ class ChatEngine:
             self.onnx.add({name: resolve_adapter(adapter)})
         except (OnnxUnavailable, OSError, RuntimeError) as exc:
             log.warning("Adapter %s runs on the torch engine: %s", name, exc)
+            return
+        add_pair(self.onnx, name, resolve_adapter(adapter))
+
+    def onnx_pair(self, adapters: tuple[str, str]) -> str | None:
+        """The ONNX pair model that decodes (BASE, adapter) as Compare's two rows, or None (torch)."""
+        if self.onnx is None or self.merged or adapters[0] != BASE:
+            return None
+        return adapters[1] if adapters[1] in getattr(self.onnx, "pairs", {}) else None
 
     def onnx_name(self, adapter: str | None) -> str | None:
         """The ONNX model that serves `adapter` (None: the active one), or None for the torch path."""
@@ -260,13 +276,14 @@ class ChatEngine:
         return kwargs
 
     def start_generate(self, kwargs: dict, streamer, gen: GenerationConfig, stop: threading.Event,
-                       adapter: str | None = None, context=None,
-                       shared_prefix: int = 0) -> tuple[threading.Thread, list[BaseException]]:
+                       adapter: str | None = None, context=None, shared_prefix: int = 0,
+                       onnx_pair: str | None = None) -> tuple[threading.Thread, list[BaseException]]:
         """Run `generate` in a thread under the lock; errors are collected for the consumer to raise.
 
         `context` (entered under the lock) replaces the adapter selection, e.g. pair_context.
         `shared_prefix`: leading prompt tokens whose keys and values the decoder may keep and
-        reuse (`shared_prefix()`).
+        reuse (`shared_prefix()`). `onnx_pair`: decode a two-row batch on that ONNX pair model
+        (`onnx_pair()`) instead.
         """
         import torch
 
@@ -277,6 +294,12 @@ class ChatEngine:
         def run():
             try:
                 with self.lock:  # adapter selection changes the shared model: only under the lock
+                    if onnx_pair is not None:
+                        if not stop.is_set():
+                            self.onnx.generate_pair(onnx_pair, kwargs["input_ids"][0].tolist(), gen, stop, streamer,
+                                                    self.model.generation_config.eos_token_id,
+                                                    self.model.generation_config.min_new_tokens)
+                        return
                     onnx = self.onnx_name(adapter) if context is None and "adapter_names" not in kwargs else None
                     if onnx is not None:  # ONNX Runtime's own loop: no adapter switching on the torch model
                         if not stop.is_set():

@@ -1,5 +1,6 @@
 """The ONNX Runtime GenAI chat path (chatbot/onnx_engine.py) on the real default model: export once,
-stream, stop, adapters, the kept system prompt, and falling back to torch when it cannot serve."""
+stream, stop, adapters, the kept system prompt, Compare's pair model (chatbot/onnx_pair.py), and
+falling back to torch when it cannot serve."""
 
 from __future__ import annotations
 
@@ -155,7 +156,117 @@ def test_adapter_added_while_running_gets_its_onnx_copy(default_model_dir, monke
     engine = ChatEngine(model, tok, onnx=load_onnx(cfg))
     name = engine.add_adapter(str(DEFAULT_ADAPTER))
     assert name in engine.onnx and engine.onnx_name(name) == name
+    assert engine.onnx_pair((BASE, name)) == name  # Compare's pair model too
     calls = []
     monkeypatch.setattr(oe.OnnxModels, "generate", lambda self, *a, **k: calls.append(a[0]) or [])
     list(engine.stream(ask("hello"), GREEDY, adapter=name))
     assert calls == [name]
+
+
+@pytest.fixture(scope="module")
+def pair_engine(onnx_engine):
+    """The ONNX engine with Compare's pair model for the shipped adapter."""
+    onnx_engine.onnx.add_pair("counsel", DEFAULT_ADAPTER)
+    return onnx_engine
+
+
+def _last_logits(model, ids: list[int], rows: int):
+    import numpy as np
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 2, batch_size=rows)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([ids] * rows, dtype=np.int32))
+    return np.array(generator.get_output("logits"))[:, -1, :]
+
+
+def test_pair_model_rows_are_the_base_model_and_the_adapter(pair_engine, default_model_dir):
+    """Row 0 of the pair is the base model's int8 graph (its LoRA path adds exactly zero), row 1
+    the adapter as PEFT runs it on the float model, within int8 rounding: far nearer than the
+    adapter's own effect, or half of it (a wrong scaling)."""
+    import numpy as np
+    import onnx
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    onnx_models = pair_engine.onnx
+    folder, base_folder = onnx_models.folders[("pair", "counsel")], onnx_models.folders[BASE]
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 30 * 4 + 1  # the base export's products
+    assert sum(n.name.endswith("/lora_pair/Add") for n in graph.node) == 30 * 4  # every one the adapter targets
+    assert (folder / "model.onnx.data").stat().st_size == (base_folder / "model.onnx.data").stat().st_size
+
+    ids = pair_engine.prepare(ask("I feel lonely since I moved to a new city."))[0]
+    pair = _last_logits(onnx_models.pairs["counsel"], ids, 2)
+    base_onnx = _last_logits(onnx_models.models[BASE], ids, 1)[0]
+    float_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32),
+                                            str(DEFAULT_ADAPTER))
+    with torch.no_grad():
+        tuned = float_model(torch.tensor([ids])).logits[0, -1].numpy()
+        with float_model.disable_adapter():
+            base = float_model(torch.tensor([ids])).logits[0, -1].numpy()
+    distance = lambda a, b: float(np.linalg.norm(a - b))  # noqa: E731
+    effect = distance(base, tuned)
+    assert distance(pair[0], base_onnx) < 0.01 * effect
+    assert distance(pair[1], tuned) < 0.1 * effect and distance(pair[0], base) < 0.1 * effect
+    assert distance(pair[1], (base + tuned) / 2) > 0.3 * effect
+
+
+def test_compare_decodes_on_the_onnx_pair(pair_engine, monkeypatch):
+    from chatbot import onnx_engine as oe
+    from chatbot.compare import stream_pair
+
+    question = ask("How do I stop overthinking at night?")
+    calls = []
+    monkeypatch.setattr(oe.OnnxModels, "generate_pair", lambda self, *a, **k: calls.append(a[0]))
+    monkeypatch.setattr(pair_engine.model, "generate", lambda *a, **k: pytest.fail("the torch model decoded"))
+    list(stream_pair(pair_engine, question, GREEDY, None, (BASE, "counsel")))
+    assert calls == ["counsel"]
+    monkeypatch.undo()
+    texts = ["", ""]
+    for row, delta in stream_pair(pair_engine, question, GREEDY, None, (BASE, "counsel")):
+        texts[row] += delta
+    base = pair_engine.reply(question, GREEDY, adapter=BASE)
+    assert texts[0].strip().split()[:8] == base.split()[:8]  # row 0 is the base model
+    assert texts[1].strip() and texts[1] != texts[0] and "<|im_end|>" not in texts[1]
+
+
+def test_stop_event_halts_the_pair_and_a_failed_pair_leaves_compare_on_torch(pair_engine, monkeypatch, caplog):
+    from chatbot import onnx_pair
+    from chatbot.compare import stream_pair
+    from chatbot.generation import add_pair
+
+    stop, deltas = threading.Event(), []
+    for item in stream_pair(pair_engine, ask("Tell me a long story about a lighthouse."),
+                            GenerationConfig(max_new_tokens=200, temperature=0), stop, (BASE, "counsel")):
+        deltas.append(item)
+        if len(deltas) == 4:
+            stop.set()
+    assert 4 <= len(deltas) <= 8
+
+    def unmappable(*args, **kwargs):
+        raise onnx_pair.OnnxUnavailable("the pair model covers plain LoRA only")
+
+    monkeypatch.setattr(onnx_pair, "export_pair", unmappable)
+    with caplog.at_level("WARNING"):
+        add_pair(pair_engine.onnx, "other", DEFAULT_ADAPTER)
+    assert "Compare with other runs on the torch engine" in caplog.text and "other" not in pair_engine.onnx.pairs
+    assert pair_engine.onnx_pair((BASE, "other")) is None and pair_engine.onnx_pair(("counsel", BASE)) is None
+
+
+def test_adapters_the_pair_cannot_map_are_refused(tiny_dir, tmp_path):
+    """DoRA, saved modules and an adapted output head have no place in the base export's graph."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from chatbot.onnx_engine import OnnxUnavailable
+    from chatbot.onnx_pair import lora_matrices
+
+    for name, config in {"dora": LoraConfig(target_modules=["q_proj"], use_dora=True),
+                         "head": LoraConfig(target_modules=["q_proj", "lm_head"]),
+                         "saved": LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"])}.items():
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), config).save_pretrained(tmp_path / name)
+        with pytest.raises(OnnxUnavailable):
+            lora_matrices(tiny_dir, tmp_path / name)
