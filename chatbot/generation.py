@@ -294,11 +294,14 @@ class ChatEngine:
         def run():
             try:
                 with self.lock:  # adapter selection changes the shared model: only under the lock
-                    if onnx_pair is not None:
+                    if onnx_pair is not None:  # Compare's two rows on the ONNX pair model
+                        from . import onnx_pair as pair
+
+                        if gen.seed is not None:
+                            torch.manual_seed(gen.seed)
                         if not stop.is_set():
-                            self.onnx.generate_pair(onnx_pair, kwargs["input_ids"][0].tolist(), gen, stop, streamer,
-                                                    self.model.generation_config.eos_token_id,
-                                                    self.model.generation_config.min_new_tokens)
+                            pair.generate(self.model, self.onnx.pairs[onnx_pair], streamer=streamer,
+                                          shared_prefix=shared_prefix, **kwargs)
                         return
                     onnx = self.onnx_name(adapter) if context is None and "adapter_names" not in kwargs else None
                     if onnx is not None:  # ONNX Runtime's own loop: no adapter switching on the torch model

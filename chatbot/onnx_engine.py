@@ -129,15 +129,17 @@ class OnnxModels:
     def add_pair(self, name: str, adapter_dir: Path) -> "OnnxModels":
         """Load (building first where needed) Compare's pair model of the base and this adapter
         (`onnx_pair.py`); raises OnnxUnavailable for an adapter it cannot map."""
-        from .onnx_pair import export_pair
+        from .onnx_pair import PairDecoder, export_pair
 
         self.folders[("pair", name)] = export_pair(self.model_dir, adapter_dir, self.root)
-        self.pairs[name] = load(self.folders[("pair", name)])
+        self.pairs[name] = PairDecoder(self.folders[("pair", name)], threads())
         return self
 
     def forget(self) -> None:
-        """Drop the kept generators (their system prompts are prefilled again on the next reply)."""
+        """Drop the kept generators and the pair models' kept system prompts (read again on the next reply)."""
         self._kept.clear()
+        for pair in self.pairs.values():
+            pair.forget()
 
     def __contains__(self, name) -> bool:
         return name in self.models
@@ -211,37 +213,6 @@ class OnnxModels:
                     self.forget()
                     raise
         return out
-
-
-    def generate_pair(self, name: str, ids: list[int], gen: GenerationConfig, stop: threading.Event, streamer,
-                      eos_token_id=None, min_new_tokens: int | None = None) -> None:
-        """Decode the base model (row 0) and the adapter (row 1) after `ids` in one batch, putting
-        the prompt and then each step's two tokens into `streamer` (compare.RowStreamer). A row
-        ends at an end-of-sequence token; decoding ends when both have, after gen.max_new_tokens,
-        or when `stop` is set. A fresh generator each time: onnxruntime-genai reads a batch's
-        prompt only once, so a pair cannot keep the system prompt between replies."""
-        import numpy as np
-        import onnxruntime_genai as og
-        import torch
-
-        options = self._search_options(gen)
-        if min_new_tokens:
-            options["min_length"] = len(ids) + min_new_tokens
-        params = og.GeneratorParams(self.pairs[name])
-        params.set_search_options(max_length=len(ids) + gen.max_new_tokens, batch_size=2, **options)
-        generator = og.Generator(self.pairs[name], params)
-        stops = set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or [])
-        streamer.put(torch.tensor([ids, ids]))
-        generator.append_tokens(np.array([ids, ids], dtype=np.int32))
-        ended, count = [False, False], 0
-        while not stop.is_set() and not generator.is_done() and count < gen.max_new_tokens:
-            generator.generate_next_token()
-            tokens = [int(t) for t in generator.get_next_tokens()]
-            count += 1
-            ended = [e or t in stops for e, t in zip(ended, tokens)]
-            streamer.put(torch.tensor(tokens).reshape(2, 1))
-            if all(ended) and count > (min_new_tokens or 0):
-                break
 
 
 # How long ONNX Runtime's idle threads spin before they sleep. Its default kept a core busy for

@@ -1,17 +1,24 @@
-"""Compare's pair model on ONNX Runtime GenAI: the base model and one adapter in one batch of two.
+"""Compare's pair model on ONNX Runtime: the base model and one adapter in one batch of two.
 
 The base model's int8 export (`onnx_engine.export`) is copied with each adapted product given
-its LoRA path, in float32, and a batched second matrix whose first row is zero:
+its LoRA path in float32, scaled per row by a graph input:
 
-    y = MatMulNBits(x, W)  +  (x @ A) @ B[row]        B[0] = 0, B[1] = B * scaling
+    y = MatMulNBits(x, W)  +  ((x @ A) * lora_scale[row]) @ B       lora_scale = [0, 1]
 
-So row 0 of a batch of two decodes as the base model (its graph adds exactly zero) and row 1 as
-the adapter on the same int8 weights, which are read once for both rows. That is how PEFT runs
-an adapter on a quantized base, and how the torch engine's Compare runs it (`int8.py`). The A and
-B matrices of the products one node computes together (q/k/v, gate/up) are stacked, block by
-block, so the graph gains three small nodes per int8 product.
+So row 0 of a batch of two decodes as the base model (its LoRA path adds exactly zero) and row 1
+as the adapter on the same int8 weights, which are read once for both rows. That is how PEFT
+runs an adapter on a quantized base, and how the torch engine's Compare runs it (`int8.py`). The
+A and B matrices of the products one node computes together (q/k/v, gate/up) are stacked, block
+by block, so the graph gains four small nodes per int8 product.
 
-    folder = export_pair(model_dir, adapter_dir)   # once; then reused from the model cache
+`PairDecoder` runs it with onnxruntime itself rather than onnxruntime-genai, whose batches read
+their prompt once and cannot keep the system prompt: here both rows' keys and values live in
+buffers the decoder owns, the system prompt is kept in them between replies, and each row's own
+prompt is read as a batch of one into its half (the attention kernel takes several new tokens
+after a kept part only in a batch of one). Sampling is transformers' own logits processors, as
+on the torch engine (`decoder._processors`).
+
+    decoder = PairDecoder(export_pair(model_dir, adapter_dir))   # exported once, then reused
 
 Only plain LoRA on the attention and MLP projections of Llama-style layers maps onto the graph;
 anything else (DoRA, LoRA biases, adapted embeddings or output head, saved modules) raises
@@ -20,6 +27,7 @@ OnnxUnavailable, and Compare runs on the torch engine instead.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -28,11 +36,12 @@ from pathlib import Path
 
 from .onnx_engine import OnnxUnavailable, cache_dir, export, export_key
 
-PAIR_VERSION = 1  # bump when the graph changes, so cached pairs are rebuilt
+PAIR_VERSION = 2  # bump when the graph changes, so cached pairs are rebuilt
 # int8 products of the base export and the projections each computes, in its output's order
 PRODUCTS = {"attn/qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp/gate_up_proj": ("gate_proj", "up_proj")}
 PROJECTIONS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+SCALE = "lora_scale"  # graph input [rows, 1, 1]: 0 runs a row as the base model, 1 as the adapter
 _LAYER = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 
 
@@ -85,9 +94,10 @@ def _attribute(node, name: str) -> int:
 
 
 def add_lora_rows(graph, lora: dict, widths: dict) -> int:
-    """Give each int8 product that an adapted projection feeds its LoRA path (row 0 zero);
-    returns how many products changed."""
+    """Give each int8 product that an adapted projection feeds its LoRA path, scaled per row by
+    the graph input SCALE; returns how many products changed."""
     import numpy as np
+    import onnx
     from onnx import helper, numpy_helper
 
     nodes = {n.name: n for n in graph.node}
@@ -104,13 +114,13 @@ def add_lora_rows(graph, lora: dict, widths: dict) -> int:
         if any(widths[layer, p][0] != k for p in members) or sum(widths[layer, p][1] for p in members) != n:
             raise OnnxUnavailable(f"{name}: the export's product is not the projections {members} stacked")
         rank = sum(lora[layer, p][0].shape[0] for p in members if (layer, p) in lora)
-        a, b = np.zeros((k, rank), np.float32), np.zeros((2, rank, n), np.float32)
+        a, b = np.zeros((k, rank), np.float32), np.zeros((rank, n), np.float32)
         r = col = 0
         for projection in members:
             if (layer, projection) in lora:  # else its block of outputs stays zero
                 pa, pb = lora[layer, projection]
                 a[:, r : r + len(pa)] = pa.T
-                b[1, r : r + len(pa), col : col + len(pb)] = pb.T
+                b[r : r + len(pa), col : col + len(pb)] = pb.T
                 r += len(pa)
             col += widths[layer, projection][1]
         prefix = name.rsplit("/", 1)[0] + "/lora_pair"
@@ -118,8 +128,10 @@ def add_lora_rows(graph, lora: dict, widths: dict) -> int:
         out = node.output[0]
         node.output[0] = out + "/int8"
         added[name] = [helper.make_node("MatMul", [node.input[0], prefix + ".A"], [prefix + "/A"], name=prefix + "/A"),
-                       helper.make_node("MatMul", [prefix + "/A", prefix + ".B"], [prefix + "/B"], name=prefix + "/B"),
+                       helper.make_node("Mul", [prefix + "/A", SCALE], [prefix + "/scaled"], name=prefix + "/Scale"),
+                       helper.make_node("MatMul", [prefix + "/scaled", prefix + ".B"], [prefix + "/B"], name=prefix + "/B"),
                        helper.make_node("Add", [out + "/int8", prefix + "/B"], [out], name=prefix + "/Add")]
+    graph.input.append(helper.make_tensor_value_info(SCALE, onnx.TensorProto.FLOAT, ["batch_size", 1, 1]))
     ordered = []
     for node in graph.node:
         ordered.append(node)
@@ -157,3 +169,141 @@ def export_pair(model_dir: Path, adapter_dir: Path, root: Path | None = None) ->
             if not (out / "genai_config.json").is_file():
                 raise
     return out
+
+
+class PairDecoder:
+    """Decodes a pair model's two rows (0: base, 1: adapter) with onnxruntime, keeping the system
+    prompt's keys and values of both rows between replies and nothing of a conversation."""
+
+    BLOCK = 256  # buffers grow in steps of this many positions
+
+    def __init__(self, folder: Path, threads: int = 1):
+        import onnxruntime as ort
+
+        from .onnx_engine import SPIN_US
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+        self.session = ort.InferenceSession(str(Path(folder) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        decoder = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["decoder"]
+        self.layers = decoder["num_hidden_layers"]
+        self.shape = (decoder["num_key_value_heads"], decoder["head_size"])
+        self.capacity, self.kept = 0, []  # positions in the buffers; the prefix tokens they hold
+
+    def _allocate(self, length: int) -> None:
+        """Key/value buffers [2, heads, length, dim] per layer, and bindings that read and write
+        them in place: one for both rows, one per row (a batch of one, in that row's half)."""
+        import numpy as np
+
+        self.capacity = -(-length // self.BLOCK) * self.BLOCK
+        self.kept = []
+        shape = (2, self.shape[0], self.capacity, self.shape[1])
+        self.buffers = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in range(self.layers)]
+        self.bindings = [self._bind(slice(0, 2)), self._bind(slice(0, 1)), self._bind(slice(1, 2))]
+
+    def _bind(self, rows: slice):
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        binding.bind_output("logits")  # first: outputs come back in binding order
+        for i, (keys, values) in enumerate(self.buffers):
+            for name, buffer in (("key", keys), ("value", values)):
+                value = ort.OrtValue.ortvalue_from_numpy(buffer[rows])  # a view: the run writes the buffer
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{name}", value)
+                binding.bind_ortvalue_output(f"present.{i}.{name}", value)
+        return binding
+
+    def _run(self, which: int, tokens: list[list[int]], total: int, scale: list[float]):
+        """Logits of the last position per row after `tokens`, with `total` positions in all."""
+        import numpy as np
+
+        binding = self.bindings[which]
+        rows = len(tokens)
+        binding.bind_cpu_input("input_ids", np.array(tokens, np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((rows, total), np.int64))
+        binding.bind_cpu_input(SCALE, np.array(scale, np.float32).reshape(rows, 1, 1))
+        binding.bind_output("logits")  # unallocated again: its shape follows the tokens
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()[:, -1, :]  # the logits alone, not the key/value buffers
+
+    def forget(self) -> None:
+        """Drop the kept system prompt (the next reply reads it again)."""
+        self.kept = []
+        if self.capacity:
+            self._clear(0, self.capacity)
+
+    def _clear(self, start: int, end: int) -> None:
+        for keys, values in self.buffers:
+            keys[:, :, start:end] = 0
+            values[:, :, start:end] = 0
+
+    def prefill(self, ids: list[int], shared_prefix: int, max_new_tokens: int):
+        """Read the prompt into both rows (the kept system prompt reused); the last logits [2, vocab]."""
+        import numpy as np
+
+        if len(ids) + max_new_tokens > self.capacity:
+            self._allocate(len(ids) + max_new_tokens)
+        start = shared_prefix if 0 < shared_prefix < len(ids) else 0
+        if start and self.kept != ids[:start]:
+            self.kept = []
+            for row in (0, 1):
+                self._run(1 + row, [ids[:start]], start, [float(row)])
+            self.kept = ids[:start]
+        logits = [self._run(1 + row, [ids[start:]], len(ids), [float(row)])[0] for row in (0, 1)]
+        return np.stack(logits), start
+
+    def generate(self, ids: list[int], max_new_tokens: int, streamer, processors, sample: bool, eos: list[int],
+                 pad: int | None, stopping_criteria=(), shared_prefix: int = 0) -> None:
+        """Decode both rows after `ids`; a row that ends pads until both have, and the stopping
+        criteria end both, as in `generate`."""
+        import torch
+
+        if streamer is not None:
+            streamer.put(torch.tensor([ids, ids]))
+        end = len(ids)
+        start = 0
+        try:
+            scores, start = self.prefill(ids, shared_prefix, max_new_tokens)
+            history = torch.tensor([ids, ids])
+            unfinished = torch.ones(2, dtype=torch.bool)
+            eos_ids = torch.tensor(eos or [-1])
+            for step in range(max_new_tokens):
+                scores = processors(history, torch.from_numpy(scores))
+                if sample:
+                    token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    token = scores.argmax(-1)
+                if pad is not None:
+                    token = torch.where(unfinished, token, pad)
+                history = torch.cat([history, token[:, None]], dim=-1)
+                unfinished &= (token[:, None] != eos_ids).all(-1)
+                for criterion in stopping_criteria or []:
+                    unfinished &= ~criterion(history, None)
+                if streamer is not None:
+                    streamer.put(token)
+                if not unfinished.any() or step == max_new_tokens - 1:
+                    break
+                end += 1
+                scores = self._run(0, token[:, None].tolist(), end, [0.0, 1.0])
+        finally:  # nothing of the conversation stays; a prompt read from the start replaced the kept one
+            if not start:
+                self.kept = []
+            if self.capacity:
+                self._clear(len(self.kept), min(end + 1, self.capacity))
+
+
+def generate(model, pair: PairDecoder, input_ids, max_new_tokens: int, streamer=None, stopping_criteria=None,
+             pad_token_id: int | None = None, shared_prefix: int = 0, **settings) -> None:
+    """`generate` for Compare's two rows on a pair model: the arguments `ChatEngine` gives the
+    torch engine (`input_ids` one row, both rows read it), the same logits processors."""
+    from .decoder import _processors, causal_lm
+
+    lm = causal_lm(model)
+    settings.pop("attention_mask", None)
+    eos = lm.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = pad_token_id if pad_token_id is not None else lm.generation_config.pad_token_id
+    ids = input_ids[0].tolist()
+    processors, sample = _processors(lm, len(ids), settings, eos)
+    pair.generate(ids, max_new_tokens, streamer, processors, sample, eos, pad, stopping_criteria, shared_prefix)

@@ -184,7 +184,8 @@ def _last_logits(model, ids: list[int], rows: int):
 def test_pair_model_rows_are_the_base_model_and_the_adapter(pair_engine, default_model_dir):
     """Row 0 of the pair is the base model's int8 graph (its LoRA path adds exactly zero), row 1
     the adapter as PEFT runs it on the float model, within int8 rounding: far nearer than the
-    adapter's own effect, or half of it (a wrong scaling)."""
+    adapter's own effect, or half of it (a wrong scaling). A step of both rows in one batch gives
+    what a step of each row alone gives: no row reads the other's keys, values or scale."""
     import numpy as np
     import onnx
     import torch
@@ -198,8 +199,10 @@ def test_pair_model_rows_are_the_base_model_and_the_adapter(pair_engine, default
     assert sum(n.name.endswith("/lora_pair/Add") for n in graph.node) == 30 * 4  # every one the adapter targets
     assert (folder / "model.onnx.data").stat().st_size == (base_folder / "model.onnx.data").stat().st_size
 
+    pair = onnx_models.pairs["counsel"]
     ids = pair_engine.prepare(ask("I feel lonely since I moved to a new city."))[0]
-    pair = _last_logits(onnx_models.pairs["counsel"], ids, 2)
+    pair.forget()
+    rows, _ = pair.prefill(ids, 0, 8)
     base_onnx = _last_logits(onnx_models.models[BASE], ids, 1)[0]
     float_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32),
                                             str(DEFAULT_ADAPTER))
@@ -209,21 +212,28 @@ def test_pair_model_rows_are_the_base_model_and_the_adapter(pair_engine, default
             base = float_model(torch.tensor([ids])).logits[0, -1].numpy()
     distance = lambda a, b: float(np.linalg.norm(a - b))  # noqa: E731
     effect = distance(base, tuned)
-    assert distance(pair[0], base_onnx) < 0.01 * effect
-    assert distance(pair[1], tuned) < 0.1 * effect and distance(pair[0], base) < 0.1 * effect
-    assert distance(pair[1], (base + tuned) / 2) > 0.3 * effect
+    assert distance(rows[0], base_onnx) < 0.01 * effect
+    assert distance(rows[1], tuned) < 0.1 * effect and distance(rows[0], base) < 0.1 * effect
+    assert distance(rows[1], (base + tuned) / 2) > 0.3 * effect
+
+    both = pair._run(0, [[ids[-1]], [ids[-1]]], len(ids) + 1, [0.0, 1.0])  # both rows, one batch
+    pair.forget()
+    pair.prefill(ids, 0, 8)
+    alone = [pair._run(1 + row, [[ids[-1]]], len(ids) + 1, [float(row)])[0] for row in (0, 1)]  # a row at a time
+    assert distance(both[0], alone[0]) < 1e-3 * effect and distance(both[1], alone[1]) < 1e-3 * effect
+    pair.forget()
 
 
 def test_compare_decodes_on_the_onnx_pair(pair_engine, monkeypatch):
-    from chatbot import onnx_engine as oe
+    from chatbot import onnx_pair
     from chatbot.compare import stream_pair
 
     question = ask("How do I stop overthinking at night?")
     calls = []
-    monkeypatch.setattr(oe.OnnxModels, "generate_pair", lambda self, *a, **k: calls.append(a[0]))
+    monkeypatch.setattr(onnx_pair, "generate", lambda model, pair, **k: calls.append(pair))
     monkeypatch.setattr(pair_engine.model, "generate", lambda *a, **k: pytest.fail("the torch model decoded"))
     list(stream_pair(pair_engine, question, GREEDY, None, (BASE, "counsel")))
-    assert calls == ["counsel"]
+    assert calls == [pair_engine.onnx.pairs["counsel"]]
     monkeypatch.undo()
     texts = ["", ""]
     for row, delta in stream_pair(pair_engine, question, GREEDY, None, (BASE, "counsel")):
@@ -231,6 +241,21 @@ def test_compare_decodes_on_the_onnx_pair(pair_engine, monkeypatch):
     base = pair_engine.reply(question, GREEDY, adapter=BASE)
     assert texts[0].strip().split()[:8] == base.split()[:8]  # row 0 is the base model
     assert texts[1].strip() and texts[1] != texts[0] and "<|im_end|>" not in texts[1]
+
+    pair = pair_engine.onnx.pairs["counsel"]  # the system prompt is kept, and nothing after it
+    ids, _ = pair_engine.prepare(question)
+    prefix = pair_engine.shared_prefix(question, ids)
+    assert 0 < prefix < len(ids) and pair.kept == ids[:prefix]
+    assert all(not buffer[:, :, prefix:].any() for layer in pair.buffers for buffer in layer)
+    assert all(buffer[:, :, :prefix].any() for layer in pair.buffers for buffer in layer)
+    again = ["", ""]
+    for row, delta in stream_pair(pair_engine, question, GREEDY, None, (BASE, "counsel")):
+        again[row] += delta
+    pair_engine.onnx.forget()
+    cold = ["", ""]
+    for row, delta in stream_pair(pair_engine, question, GREEDY, None, (BASE, "counsel")):
+        cold[row] += delta
+    assert again == texts and cold == texts  # the kept prompt changes nothing
 
 
 def test_stop_event_halts_the_pair_and_a_failed_pair_leaves_compare_on_torch(pair_engine, monkeypatch, caplog):
