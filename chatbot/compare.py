@@ -3,11 +3,12 @@
     for row, delta in stream_pair(engine, messages, gen, stop, ("base", "finetuned")):
         texts[row] += delta
 
-Only one copy of the base weights is in memory and both answers decode together: on a CPU a
-batch of two costs little more than one (see `make bench`). With int8 weights each row runs its
-own weights from the shared int8 base (`ChatEngine.pair_context`); otherwise PEFT runs a
-different adapter per row (`adapter_names`, "__base__" for the adapter switched off). Both rows
-share the prompt, the sampling settings and the seed.
+Only one copy of the base weights is read and both answers decode together: a batch of two
+costs little more than one (see `make bench`). On a CPU the rows run on the ONNX pair model
+(`onnx_pair.py`, `ChatEngine.onnx_pair`); elsewhere on the torch engine, where with int8
+weights each row runs its own weights from the shared int8 base (`ChatEngine.pair_context`),
+and otherwise PEFT runs a different adapter per row (`adapter_names`, "__base__" for the adapter
+switched off). Both rows share the prompt, the sampling settings and the seed.
 """
 
 from __future__ import annotations
