@@ -436,6 +436,7 @@ def bench_compare(tokens: int, repeats: int = 3, backend: str = "auto") -> dict:
     cfg = ModelConfig(adapter=str(DEFAULT_ADAPTER), backend=backend)
     model, tok = load_model(cfg)
     engine = ChatEngine(model, tok, onnx=load_onnx(cfg))
+    engine.add_pairs()  # as the app's warm-up does
     name = [a for a in engine.adapters if a != BASE][0]
     engine_name = "onnx" if engine.onnx_pair((BASE, name)) else "torch"
     messages = build_messages([], "I feel anxious before every meeting at work. How can I calm down?")

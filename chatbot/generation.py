@@ -136,6 +136,16 @@ class ChatEngine:
             return
         add_pair(self.onnx, name, resolve_adapter(adapter))
 
+    def add_pairs(self) -> None:
+        """Compare's ONNX pair models for the loaded adapters (built once, then loaded from the
+        cache: about a second each, which the app spends after it is ready, in its warm-up). Until
+        one is there, and where one fails, Compare runs on the torch engine."""
+        if self.onnx is None or self.merged:
+            return
+        for name, adapter_dir in list(self.onnx.adapter_dirs.items()):
+            if adapter_dir is not None and name not in self.onnx.pairs:
+                add_pair(self.onnx, name, adapter_dir)
+
     def onnx_pair(self, adapters: tuple[str, str]) -> str | None:
         """The ONNX pair model that decodes (BASE, adapter) as Compare's two rows, or None (torch)."""
         if self.onnx is None or self.merged or adapters[0] != BASE:

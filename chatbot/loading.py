@@ -312,7 +312,7 @@ def load_onnx(cfg: ModelConfig):
     """The ONNX GenAI models for cfg's chat decoding (onnx_engine.OnnxModels), or None where the
     torch engine decodes: backend 'torch', or 'auto' off a CPU, off int8, or where the ONNX path
     cannot serve the model (logged; the app still starts). backend 'onnx' raises ModelLoadError then."""
-    from .generation import BASE, add_pair
+    from .generation import BASE
     from .onnx_engine import OnnxModels, OnnxUnavailable, resolve_backend
 
     device = pick_device(cfg.device)
@@ -329,6 +329,4 @@ def load_onnx(cfg: ModelConfig):
             raise ModelLoadError(f"The ONNX backend cannot serve {cfg.model!r}: {exc}") from exc
         log.warning("Decoding on the torch engine: the ONNX path is unavailable (%s).", exc)
         return None
-    if cfg.adapter and not cfg.merge:
-        add_pair(models, adapter_name(cfg.adapter), resolve_adapter(cfg.adapter))
     return models

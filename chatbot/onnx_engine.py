@@ -116,6 +116,7 @@ class OnnxModels:
     def __init__(self, model_dir: Path, root: Path | None = None):
         self.model_dir, self.root, self.models, self.folders = Path(model_dir), root, {}, {}
         self.pairs: dict = {}  # adapter name -> Compare's pair model (base and adapter, a row each)
+        self.adapter_dirs: dict = {}  # adapter name -> its folder (None: the base model)
         self._kept: dict = {}  # (name, search options) -> (generator, prefix tokens)
 
     def add(self, adapters: dict[str, Path | None]) -> "OnnxModels":
@@ -124,6 +125,7 @@ class OnnxModels:
         for name, adapter_dir in adapters.items():
             self.folders[name] = export(self.model_dir, adapter_dir, self.root)
             self.models[name] = load(self.folders[name])
+            self.adapter_dirs[name] = adapter_dir
         return self
 
     def add_pair(self, name: str, adapter_dir: Path) -> "OnnxModels":

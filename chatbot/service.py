@@ -54,8 +54,8 @@ class ChatService:
         return names[0] if names else None
 
     def warm_up(self) -> None:
-        """Read the system prompt into the default chat model and Compare's pair at the default
-        settings, so the first reply after a start is not the slow one (a 147-token prompt, kept
+        """Read the system prompt into the default chat model, load Compare's ONNX pair models
+        (`ChatEngine.add_pairs`), and read it into Compare's pair, at the default settings, so the first reply after a start is not the slow one (a 147-token prompt, kept
         or not: 0.09–0.16 against 0.44–0.53 s to the first token on the ONNX engine in `make bench`). A
         one-token reply to a fixed greeting; as after any reply, only the system prompt's keys
         and values stay. Runs under the generation lock; a failure is logged and changes nothing."""
@@ -67,6 +67,8 @@ class ChatService:
         try:
             for _ in self.engine.stream(messages, gen, adapter=adapter):
                 pass
+            if hasattr(self.engine, "add_pairs"):
+                self.engine.add_pairs()  # Compare's ONNX pair models, where the app decodes on ONNX
             if adapter != BASE and BASE in self.engine.adapters:
                 for _ in stream_pair(self.engine, messages, gen, None, (BASE, adapter)):
                     pass

@@ -281,6 +281,25 @@ def test_stop_event_halts_the_pair_and_a_failed_pair_leaves_compare_on_torch(pai
     assert pair_engine.onnx_pair((BASE, "other")) is None and pair_engine.onnx_pair(("counsel", BASE)) is None
 
 
+def test_the_app_loads_the_pair_in_its_warm_up(default_model_dir, guard):
+    """Not while it starts (about a second each, with the app not yet ready), but right after, in
+    the warm-up, which then reads the system prompt into both rows."""
+    from chatbot.loading import adapter_name, load_model, load_onnx
+    from chatbot.service import ChatService
+
+    cfg = ModelConfig(adapter=str(DEFAULT_ADAPTER), backend="onnx")
+    model, tok = load_model(cfg)
+    engine = ChatEngine(model, tok, onnx=load_onnx(cfg))
+    name = adapter_name(str(DEFAULT_ADAPTER))
+    assert engine.onnx_pair((BASE, name)) is None  # Compare would run on torch until the warm-up
+    ChatService(engine, guard, GenerationConfig()).warm_up()
+    assert engine.onnx_pair((BASE, name)) == name
+    messages = ask("The first Compare after a start.")
+    ids, _ = engine.prepare(messages)
+    prefix = engine.shared_prefix(messages, ids)
+    assert 0 < prefix and engine.onnx.pairs[name].kept == ids[:prefix]
+
+
 def test_adapters_the_pair_cannot_map_are_refused(tiny_dir, tmp_path):
     """DoRA, saved modules and an adapted output head have no place in the base export's graph."""
     from peft import LoraConfig, get_peft_model
