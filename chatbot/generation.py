@@ -310,8 +310,14 @@ class ChatEngine:
                         if gen.seed is not None:
                             torch.manual_seed(gen.seed)
                         if not stop.is_set():
-                            pair.generate(self.model, self.onnx.pairs[onnx_pair], streamer=streamer,
-                                          shared_prefix=shared_prefix, **kwargs)
+                            try:
+                                pair.generate(self.model, self.onnx.pairs[onnx_pair], streamer=streamer,
+                                              shared_prefix=shared_prefix, **kwargs)
+                            except Exception as exc:  # this reply fails; the next Compare runs on torch
+                                self.onnx.pairs.pop(onnx_pair, None)
+                                log.warning("Compare's ONNX pair model failed (%s); Compare runs on the torch engine",
+                                            type(exc).__name__)
+                                raise
                         return
                     onnx = self.onnx_name(adapter) if context is None and "adapter_names" not in kwargs else None
                     if onnx is not None:  # ONNX Runtime's own loop: no adapter switching on the torch model

@@ -281,9 +281,12 @@ def test_stop_event_halts_the_pair_and_a_failed_pair_leaves_compare_on_torch(pai
     assert pair_engine.onnx_pair((BASE, "other")) is None and pair_engine.onnx_pair(("counsel", BASE)) is None
 
 
-def test_the_app_loads_the_pair_in_its_warm_up(default_model_dir, guard):
+def test_the_app_loads_the_pair_in_its_warm_up_and_drops_one_that_fails(default_model_dir, guard, monkeypatch,
+                                                                        caplog):
     """Not while it starts (about a second each, with the app not yet ready), but right after, in
-    the warm-up, which then reads the system prompt into both rows."""
+    the warm-up, which then reads the system prompt into both rows. A pair that fails gives that
+    Compare the error notice, and the next one runs on the torch engine."""
+    from chatbot.compare import stream_pair
     from chatbot.loading import adapter_name, load_model, load_onnx
     from chatbot.service import ChatService
 
@@ -298,6 +301,18 @@ def test_the_app_loads_the_pair_in_its_warm_up(default_model_dir, guard):
     ids, _ = engine.prepare(messages)
     prefix = engine.shared_prefix(messages, ids)
     assert 0 < prefix and engine.onnx.pairs[name].kept == ids[:prefix]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the pair's session failed")
+
+    monkeypatch.setattr(engine.onnx.pairs[name], "generate", broken)
+    with pytest.raises(RuntimeError), caplog.at_level("WARNING"):  # this Compare shows the error notice
+        list(stream_pair(engine, messages, GREEDY, None, (BASE, name)))
+    assert "runs on the torch engine" in caplog.text and engine.onnx_pair((BASE, name)) is None
+    texts = ["", ""]
+    for row, delta in stream_pair(engine, messages, GREEDY, None, (BASE, name)):  # the next one, on torch
+        texts[row] += delta
+    assert texts[0].strip() and texts[1].strip()
 
 
 def test_adapters_the_pair_cannot_map_are_refused(tiny_dir, tmp_path):
