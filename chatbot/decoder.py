@@ -379,6 +379,25 @@ def _prefill_prefix(lm, layers, prefix: torch.Tensor, prompt_rows: int, cache: _
         PREFIXES.store(lm, key, identity[1], cache, length)
 
 
+def next_tokens(processors, sample: bool, ids: torch.Tensor, logits: torch.Tensor, unfinished: torch.Tensor,
+                pad: int | None, eos_ids: torch.Tensor, stopping_criteria=None):
+    """One step's tokens as `generate` picks them: (tokens, ids with them, rows still going).
+    A row that has ended gets `pad`; the stopping criteria run before the tokens are streamed."""
+    scores = processors(ids, logits)
+    if sample:
+        token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+    else:
+        token = scores.argmax(-1)
+    if pad is not None:
+        token = torch.where(unfinished, token, pad)
+    ids = torch.cat([ids, token[:, None]], dim=-1)
+    if len(eos_ids):
+        unfinished = unfinished & (token[:, None] != eos_ids).all(-1)
+    for criterion in stopping_criteria or []:
+        unfinished = unfinished & ~criterion(ids, None)
+    return token, ids, unfinished
+
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, streamer=None, stopping_criteria=None,
              pad_token_id: int | None = None, shared_prefix: int = 0, **settings) -> torch.Tensor:
@@ -414,18 +433,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, streamer=None,
         logits = _forward(lm, layers, step_ids, start, cache, cos, sin, part)
         part = 0
         start += step_ids.shape[1]
-        scores = processors(ids, logits)
-        if sample:
-            token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            token = scores.argmax(-1)
-        if pad is not None:
-            token = torch.where(unfinished, token, pad)
-        ids = torch.cat([ids, token[:, None]], dim=-1)
-        if len(eos):
-            unfinished &= (token[:, None] != eos_ids).all(-1)
-        for criterion in stopping_criteria or []:  # before the token is streamed, as in generate
-            unfinished &= ~criterion(ids, None)
+        token, ids, unfinished = next_tokens(processors, sample, ids, logits, unfinished, pad, eos_ids,
+                                             stopping_criteria)
         if streamer is not None:
             streamer.put(token.cpu())
         if not unfinished.any():

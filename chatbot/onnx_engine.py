@@ -101,12 +101,17 @@ def export(model_dir: Path, adapter_dir: Path | None = None, root: Path | None =
             raise OnnxUnavailable(f"the ONNX export failed: {' | '.join(tail)}")
         for name in ("chat_template.jinja", "tokenizer.json", "tokenizer_config.json"):
             (built / name).unlink(missing_ok=True)  # prompts are built and decoded by the project's tokenizer
-        try:
-            os.replace(built, out)
-        except OSError:  # another process finished the same export first
-            if not (out / "genai_config.json").is_file():
-                raise
+        publish(built, out)
     return out
+
+
+def publish(built: Path, out: Path) -> None:
+    """Move a finished export into place in one step, so that no reader sees half of one."""
+    try:
+        os.replace(built, out)
+    except OSError:  # another process finished the same export first
+        if not (out / "genai_config.json").is_file():
+            raise
 
 
 class OnnxModels:

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .onnx_engine import OnnxUnavailable, cache_dir, export, export_key
+from .onnx_engine import OnnxUnavailable, cache_dir, export, export_key, publish
 
 PAIR_VERSION = 2  # bump when the graph changes, so cached pairs are rebuilt
 # int8 products of the base export and the projections each computes, in its output's order
@@ -163,11 +163,7 @@ def export_pair(model_dir: Path, adapter_dir: Path, root: Path | None = None) ->
                 except OSError:
                     shutil.copy2(f, built / f.name)
         onnx.save(model, str(built / "model.onnx"))
-        try:
-            os.replace(built, out)
-        except OSError:  # another process finished the same pair first
-            if not (out / "genai_config.json").is_file():
-                raise
+        publish(built, out)
     return out
 
 
@@ -256,8 +252,10 @@ class PairDecoder:
     def generate(self, ids: list[int], max_new_tokens: int, streamer, processors, sample: bool, eos: list[int],
                  pad: int | None, stopping_criteria=(), shared_prefix: int = 0) -> None:
         """Decode both rows after `ids`; a row that ends pads until both have, and the stopping
-        criteria end both, as in `generate`."""
+        criteria end both, as in `generate` (`decoder.next_tokens`)."""
         import torch
+
+        from .decoder import next_tokens
 
         if streamer is not None:
             streamer.put(torch.tensor([ids, ids]))
@@ -267,19 +265,10 @@ class PairDecoder:
             scores, start = self.prefill(ids, shared_prefix, max_new_tokens)
             history = torch.tensor([ids, ids])
             unfinished = torch.ones(2, dtype=torch.bool)
-            eos_ids = torch.tensor(eos or [-1])
+            eos_ids = torch.tensor(eos, dtype=history.dtype)
             for step in range(max_new_tokens):
-                scores = processors(history, torch.from_numpy(scores))
-                if sample:
-                    token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-                else:
-                    token = scores.argmax(-1)
-                if pad is not None:
-                    token = torch.where(unfinished, token, pad)
-                history = torch.cat([history, token[:, None]], dim=-1)
-                unfinished &= (token[:, None] != eos_ids).all(-1)
-                for criterion in stopping_criteria or []:
-                    unfinished &= ~criterion(history, None)
+                token, history, unfinished = next_tokens(processors, sample, history, torch.from_numpy(scores),
+                                                         unfinished, pad, eos_ids, stopping_criteria)
                 if streamer is not None:
                     streamer.put(token)
                 if not unfinished.any() or step == max_new_tokens - 1:
