@@ -380,11 +380,14 @@ def _prefill_prefix(lm, layers, prefix: torch.Tensor, prompt_rows: int, cache: _
 
 
 def next_tokens(processors, sample: bool, ids: torch.Tensor, logits: torch.Tensor, unfinished: torch.Tensor,
-                pad: int | None, eos_ids: torch.Tensor, stopping_criteria=None):
+                pad: int | None, eos_ids: torch.Tensor, stopping_criteria=None, draw=None):
     """One step's tokens as `generate` picks them: (tokens, ids with them, rows still going).
-    A row that has ended gets `pad`; the stopping criteria run before the tokens are streamed."""
+    A row that has ended gets `pad`; the stopping criteria run before the tokens are streamed.
+    `draw`: another way to sample from the processed scores (the ONNX pair's `nucleus_draw`)."""
     scores = processors(ids, logits)
-    if sample:
+    if sample and draw is not None:
+        token = draw(scores)
+    elif sample:
         token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
     else:
         token = scores.argmax(-1)

