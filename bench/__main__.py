@@ -449,13 +449,13 @@ def bench_compare(tokens: int, repeats: int = 3, backend: str = "auto") -> dict:
     for run in runs.values():  # warm-up; each keeps its system prompt, as in a running app
         run(warm)
 
-    def timed(label: str, clear: bool) -> float:
+    def timed(label: str, clear: bool, settings: GenerationConfig = gen) -> float:
         if clear:
             decoder.PREFIXES.clear()
             if engine.onnx is not None:
                 engine.onnx.forget()
         t = time.perf_counter()
-        runs[label](gen)
+        runs[label](settings)
         return time.perf_counter() - t
 
     # the median of three of each, interleaved, so that a slow moment on a shared machine does
@@ -475,9 +475,7 @@ def bench_compare(tokens: int, repeats: int = 3, backend: str = "auto") -> dict:
     sampled = {name: [], "pair": []}
     for _ in range(repeats):
         for label in sampled:
-            t = time.perf_counter()
-            runs[label](sampled_gen)
-            sampled[label].append(time.perf_counter() - t)
+            sampled[label].append(timed(label, clear=False, settings=sampled_gen))
     times = {label: statistics.median(v) for label, v in times.items()}
     cold = {label: statistics.median(v) for label, v in cold.items()}
     sampled = {label: statistics.median(v) for label, v in sampled.items()}

@@ -379,6 +379,13 @@ def _prefill_prefix(lm, layers, prefix: torch.Tensor, prompt_rows: int, cache: _
         PREFIXES.store(lm, key, identity[1], cache, length)
 
 
+def eos_and_pad(lm, pad_token_id: int | None) -> tuple[list[int], int | None]:
+    """The model's end-of-sequence ids as a list, and the pad id `generate` would use."""
+    eos = lm.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return eos, pad_token_id if pad_token_id is not None else lm.generation_config.pad_token_id
+
+
 def next_tokens(processors, sample: bool, ids: torch.Tensor, logits: torch.Tensor, unfinished: torch.Tensor,
                 pad: int | None, eos_ids: torch.Tensor, stopping_criteria=None, draw=None):
     """One step's tokens as `generate` picks them: (tokens, ids with them, rows still going).
@@ -413,9 +420,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, streamer=None,
     """
     lm = causal_lm(model)
     settings.pop("attention_mask", None)
-    eos = lm.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    pad = pad_token_id if pad_token_id is not None else lm.generation_config.pad_token_id
+    eos, pad = eos_and_pad(lm, pad_token_id)
     rows, prompt_len = input_ids.shape
     processors, sample = _processors(lm, prompt_len, settings, eos)
     total = prompt_len + max_new_tokens

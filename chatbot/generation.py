@@ -129,12 +129,13 @@ class ChatEngine:
         from .loading import resolve_adapter
         from .onnx_engine import OnnxUnavailable
 
+        folder = resolve_adapter(adapter)
         try:
-            self.onnx.add({name: resolve_adapter(adapter)})
+            self.onnx.add({name: folder})
         except (OnnxUnavailable, OSError, RuntimeError) as exc:
             log.warning("Adapter %s runs on the torch engine: %s", name, exc)
             return
-        add_pair(self.onnx, name, resolve_adapter(adapter))
+        add_pair(self.onnx, name, folder)
 
     def add_pairs(self) -> None:
         """Compare's ONNX pair models for the loaded adapters (built once, then loaded from the
@@ -150,7 +151,7 @@ class ChatEngine:
         """The ONNX pair model that decodes (BASE, adapter) as Compare's two rows, or None (torch)."""
         if self.onnx is None or self.merged or adapters[0] != BASE:
             return None
-        return adapters[1] if adapters[1] in getattr(self.onnx, "pairs", {}) else None
+        return adapters[1] if adapters[1] in self.onnx.pairs else None
 
     def onnx_name(self, adapter: str | None) -> str | None:
         """The ONNX model that serves `adapter` (None: the active one), or None for the torch path."""

@@ -35,7 +35,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .onnx_engine import OnnxUnavailable, cache_dir, export, export_key, publish
+from .onnx_engine import SPIN_US, OnnxUnavailable, cache_dir, export, export_key, publish
 
 PAIR_VERSION = 2  # bump when the graph changes, so cached pairs are rebuilt
 # int8 products of the base export and the projections each computes, in its output's order
@@ -177,8 +177,6 @@ class PairDecoder:
     def __init__(self, folder: Path, threads: int = 1):
         import onnxruntime as ort
 
-        from .onnx_engine import SPIN_US
-
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
@@ -289,13 +287,11 @@ def generate(model, pair: PairDecoder, input_ids, max_new_tokens: int, streamer=
     torch engine (`input_ids` one row, both rows read it), the same logits processors."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from .decoder import _processors, causal_lm
+    from .decoder import _processors, causal_lm, eos_and_pad
 
     lm = causal_lm(model)
     settings.pop("attention_mask", None)
-    eos = lm.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    pad = pad_token_id if pad_token_id is not None else lm.generation_config.pad_token_id
+    eos, pad = eos_and_pad(lm, pad_token_id)
     ids = input_ids[0].tolist()
     processors, sample = _processors(lm, len(ids), settings, eos)
     draw = None

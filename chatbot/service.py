@@ -67,8 +67,7 @@ class ChatService:
         try:
             for _ in self.engine.stream(messages, gen, adapter=adapter):
                 pass
-            if hasattr(self.engine, "add_pairs"):
-                self.engine.add_pairs()  # Compare's ONNX pair models, where the app decodes on ONNX
+            self.engine.add_pairs()  # Compare's ONNX pair models, where the app decodes on ONNX
             if adapter != BASE and BASE in self.engine.adapters:
                 for _ in stream_pair(self.engine, messages, gen, None, (BASE, adapter)):
                     pass

@@ -232,6 +232,7 @@ def test_compare_decodes_on_the_onnx_pair(pair_engine, monkeypatch):
     calls = []
     monkeypatch.setattr(onnx_pair, "generate", lambda model, pair, **k: calls.append(pair))
     monkeypatch.setattr(pair_engine.model, "generate", lambda *a, **k: pytest.fail("the torch model decoded"))
+    monkeypatch.setattr("chatbot.decoder.generate", lambda *a, **k: pytest.fail("the torch engine decoded"))
     list(stream_pair(pair_engine, question, GREEDY, None, (BASE, "counsel")))
     assert calls == [pair_engine.onnx.pairs["counsel"]]
     monkeypatch.undo()
