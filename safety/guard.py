@@ -70,7 +70,9 @@ class SafetyConfig:
     timeout_s: float = float(os.environ.get("SAFETY_TIMEOUT_S", 10.0))
     at_risk_factor: float = 0.6  # a marked conversation screens at 60% of the usual threshold
     medium_factor: float = 0.6  # a medium lexicon hit needs the classifier at 60% of threshold
-    cautious_threshold: float = 0.9  # for negated mentions and information-seeking questions
+    # for negated mentions, questions and figures of speech: each input head's own bar (fitted with
+    # it, round 18); this one for a heads file without one (the logistic heads' hand-set bar)
+    cautious_threshold: float = 0.9
     # The output head was fitted on 68 hand-written replies; real replies of the default model
     # score higher (an ordinary reply scored 0.71 in development), so the classifier alone blocks
     # a reply only from this score; the lexicon still blocks method details and encouragement.
@@ -136,7 +138,8 @@ class Guard:
             # "I would never hurt myself", "what are the warning signs of suicide?", "I'm so bored
             # I could die", "I used to cut but I've been clean for years": the words alone are not
             # risk, so the classifier must be much surer
-            threshold = max(threshold, self.config.cautious_threshold)
+            bar = getattr(classifier, "cautious_threshold", lambda _: None)(head)
+            threshold = max(threshold, self.config.cautious_threshold if bar is None else bar)
         if at_risk:
             threshold *= self.config.at_risk_factor
         high = [h for h in hits if h.severity == "high"]

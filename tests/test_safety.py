@@ -589,9 +589,9 @@ def test_the_multilingual_heads_read_accents_and_hangul():
     assert heads.prepare is light
     # what it changes for a user: "I don't want to live any more" in Korean, caught (test above),
     # would score under the threshold read with the full normalisation
-    coef, intercept, threshold = heads.heads["input"]
-    decomposed = float(1 / (1 + np.exp(-(heads.embed([normalize("더는 살고 싶지 않아")]) @ coef + intercept)))[0])
-    assert decomposed < threshold <= heads.scores("더는 살고 싶지 않아")[0]
+    head = heads.heads["input"]
+    decomposed = float(head.probs(heads.embed([normalize("더는 살고 싶지 않아")]))[0])
+    assert decomposed < head.threshold <= heads.scores("더는 살고 싶지 않아")[0]
 
 
 @pytest.mark.parametrize("text", [
@@ -849,6 +849,136 @@ def test_fit_with_another_embedder_writes_heads_the_guard_reads(tmp_path, monkey
     assert heads_file() == out
     clf = EmbeddingClassifier(heads_file())
     assert clf.score("I want to kill myself") >= clf.threshold("input") > clf.score("what a lovely sunny day")
+
+
+# Round 17: one-word replies. The heads, fitted on sentences, scored these 0.66-0.97 and the guard
+# answered "yes" to the bot's question with the crisis response. All but "ok" (a dev message) are
+# training examples now.
+SHORT_REPLIES = ["yes", "ok", "thanks", "lol", "maybe", "hmm", "idk", "bye", "yeah", "nope"]
+# and replies that are in no training file, written for this test
+UNSEEN_SHORT_REPLIES = ["yup", "okay sure", "thanks a lot", "lol true", "haha nice", "hmm maybe", "ok then",
+                        "sounds great", "no worries", "yeah okay", "oh nice", "good to know", "I'll try", "not yet",
+                        "all good", "fair enough", "sure, why not", "kind of", "a bit", "I think so"]
+
+
+@pytest.mark.parametrize("text", SHORT_REPLIES)
+def test_short_everyday_replies_are_not_crisis(guard, text):
+    assert not guard.check_input(text).crisis
+
+
+def test_unseen_short_replies_are_seldom_flagged(guard):
+    flagged = [t for t in UNSEEN_SHORT_REPLIES if guard.check_input(t).crisis]
+    assert len(flagged) <= 2, flagged  # before round 17 the heads flagged most one-word replies
+
+
+@pytest.mark.parametrize("text", ["goodbye forever", "can't go on", "kms", "I want to die", "end it all",
+                                  "I won't be here tomorrow"])
+def test_short_crisis_messages_are_still_caught(guard, text):
+    assert guard.check_input(text).crisis
+
+
+def test_rbf_head_gives_scikit_learns_probabilities():
+    """classifier.Head reproduces the fitted calibrated SVM from heads.json's numbers alone."""
+    from safety.classifier import Head
+    from safety.fit import _rbf_model, rbf_head
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = (x[:, 0] + 0.3 * rng.normal(size=120) > 0).astype(int)
+    model = _rbf_model(x).fit(x, y)
+    head = Head(json.loads(json.dumps(rbf_head(model, 0.5))))
+    test = rng.normal(size=(40, 16)).astype(np.float32)
+    test /= np.linalg.norm(test, axis=1, keepdims=True)
+    assert np.abs(head.probs(test) - model.predict_proba(test)[:, 1]).max() < 1e-4
+    assert head.kind == "rbf" and head.threshold == 0.5
+
+
+def test_shipped_input_head_is_the_rbf_machine_and_its_threshold_the_median():
+    """Round 17: MiniLM's input head is the RBF machine, its threshold the median of the thresholds
+    chosen on five fold seeds (recorded beside it); the multilingual and output heads stay logistic."""
+    from safety import multilingual
+    from safety.classifier import HEADS_FILE
+    from safety.fit import THRESHOLD_SEEDS
+
+    heads = json.loads(HEADS_FILE.read_text())
+    head, report = heads["heads"]["input"], heads["cv"]["input"]
+    assert head["kind"] == "rbf" and len(head["support_vectors"][0]) == 384
+    assert len(head["support_vectors"]) == len(head["dual_coef"]) > 50
+    assert len(report["thresholds_by_fold_seed"]) == THRESHOLD_SEEDS
+    assert abs(float(np.median(report["thresholds_by_fold_seed"])) - head["threshold"]) < 1e-3
+    assert "kind" not in heads["heads"]["output"]
+    assert "kind" not in json.loads(multilingual.HEADS_FILE.read_text())["heads"]["input"]
+
+
+# Round 18: warm everyday statements, in no training file (the RBF head of round 17 flagged the
+# first: pets sat near the crisis examples that give a pet away)
+WARM_STATEMENTS = ["I love my dog", "my dog is the best", "I adore my cat", "we adopted a puppy", "I love my mum",
+                   "my kid started school this week", "I'm proud of myself"]
+
+
+def test_warm_everyday_statements_are_not_crisis(guard):
+    assert [t for t in WARM_STATEMENTS if guard.check_input(t).crisis] == []
+
+
+class FixedClassifier:
+    """Scores every message `value` with the input head; `bar` is that head's cautious bar."""
+
+    def __init__(self, value, bar):
+        self.value, self.bar = value, bar
+
+    def score(self, text, stage="input"):
+        return self.value
+
+    def scores(self, text):
+        return self.value, "input"
+
+    def threshold(self, stage):
+        return 0.3
+
+    def cautious_threshold(self, stage):
+        return self.bar
+
+
+@pytest.mark.parametrize("bar, crisis", [(0.8, True), (0.9, False), (None, False)])
+def test_a_negated_mention_needs_the_heads_own_bar(bar, crisis):
+    """Round 18: the bar for a negated mention, a question or a figure of speech comes with the
+    input head; a heads file without one falls back to SafetyConfig.cautious_threshold (0.9)."""
+    guard = Guard(classifier=FixedClassifier(0.85, bar))
+    assert guard.check_input("I'd never kill myself, I just need to vent").crisis is crisis
+    assert guard.check_input("I feel awful tonight").crisis  # no negation: the head's threshold
+
+
+def test_cautious_bar_is_the_ordinary_examples_99th_percentile():
+    from safety.fit import cautious_threshold
+
+    labels = np.array([0] * 100 + [1] * 10)
+    ordinary = np.linspace(0, 0.99, 100)
+    scores = np.concatenate([ordinary, np.ones(10)])
+    assert cautious_threshold(labels, [scores, scores], 0.3) == pytest.approx(np.quantile(ordinary, 0.99))
+    assert cautious_threshold(labels, [scores * 0.1], 0.3) == 0.3  # never under the head's threshold
+
+
+def test_shipped_input_heads_carry_their_cautious_bar():
+    from safety import multilingual
+    from safety.classifier import HEADS_FILE
+
+    for path in (HEADS_FILE, multilingual.HEADS_FILE):
+        heads = json.loads(path.read_text())
+        head = heads["heads"]["input"]
+        assert head["threshold"] <= head["cautious_threshold"] < 1
+        assert heads["cv"]["input"]["cautious_threshold"] == round(head["cautious_threshold"], 4)
+
+
+def test_unknown_head_kind_is_a_clear_error(tmp_path):
+    from safety.classifier import HEADS_FILE, EmbeddingClassifier, HeadsError
+
+    heads = json.loads(HEADS_FILE.read_text())
+    heads["heads"]["input"]["kind"] = "forest"
+    path = tmp_path / "heads.json"
+    path.write_text(json.dumps(heads))
+    with pytest.raises(HeadsError, match="forest"):
+        EmbeddingClassifier(path)
 
 
 @pytest.mark.parametrize("content", [None, "{}", "not json"])
