@@ -131,6 +131,16 @@ def test_longer_negations_and_vehicle_plans(guard, text, crisis):
     assert guard.check_input(text).crisis is crisis
 
 
+def test_wanting_it_all_to_end_is_a_lexicon_hit(guard):
+    """Round 18: "I want it all to end" no longer hangs on the classifier clearing the bar a figure
+    of speech sets (the RBF head scored "...on my last legs and I want it all to end" 0.82 against
+    0.82). The entry does not read a film that should end (the classifier still flags that one, as
+    the logistic head did: docs/safety-rounds.md, round 18)."""
+    verdict = guard.check_input("I feel like I'm on my last legs and I want it all to end")
+    assert verdict.crisis and "lexicon:indirect:want_it_over" in verdict.reasons
+    assert guard.lexicon.match("I want this film to end", "input") == []
+
+
 def test_thinking_about_death_needs_the_classifier_to_agree(guard):
     """"death" alone is often grief or curiosity: a medium hit, which the classifier must confirm
     (at 60% of its threshold); "dying" and "my death" stay high."""
