@@ -426,6 +426,20 @@ def test_crisis_message_never_reaches_model(guard):
     assert spy.calls == [] and "116 123" in reply and conversation.at_risk
 
 
+def test_a_one_word_answer_reaches_the_model(guard):
+    """Round 18: a user who answers the bot's question with "yes" gets the model's reply, not a
+    hotline card, and the conversation is not marked."""
+    from chatbot.service import ChatService
+
+    spy = SpyEngine()
+    service = ChatService(spy, guard)
+    conversation = ConversationState()
+    for answer in ("yes", "thanks", "lol"):
+        reply = service.reply(answer, conversation=conversation, region="GB")
+        assert "How are you feeling now?" in reply and "116 123" not in reply
+    assert len(spy.calls) == 3 and not conversation.at_risk
+
+
 def test_marked_conversation_keeps_resources_visible(guard):
     from chatbot.service import ChatService
 
