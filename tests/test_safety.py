@@ -757,7 +757,7 @@ def test_cli_evaluate_prints_both_own_sets(tmp_path):
     out = subprocess.run([sys.executable, "-m", "safety", "evaluate", "--data", "", "--json", str(json_out)],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr
-    assert json.loads(json_out.read_text())["own_testset"]["summary"]["input"]["n"] == 238
+    assert json.loads(json_out.read_text())["own_testset"]["summary"]["input"]["n"] == 283
     english, other = out.stdout.split("Own held-out test set, other languages than English")
     data = yaml.safe_load((ROOT / "safety" / "data" / "testset_languages.yaml").read_text())
     for label, groups in data["input"].items():
