@@ -773,7 +773,8 @@ def test_testset_does_not_overlap_training_examples():
 
     def texts(name):
         data = yaml.safe_load((ROOT / "safety" / "data" / name).read_text())
-        return [t for stage in data.values() for groups in stage.values() for ts in groups.values() for t in ts]
+        found = [t for stage in data.values() for groups in stage.values() for ts in groups.values() for t in ts]
+        return [m for t in found for m in ([t] if isinstance(t, str) else t)]  # conversations: each message
 
     seen = {basic(t) for stage in ("input", "output") for t, _, _ in load_examples(stage=stage)}
     tested, dev = texts("testset.yaml"), texts("devset.yaml")
