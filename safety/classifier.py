@@ -198,17 +198,27 @@ class EmbeddingClassifier:
     def scores(self, text: str) -> tuple[float, str]:
         """(score, head) for a user message: 'input' for a short one; from POST_MIN_WORDS words on
         JOINT_POST where the multilingual embedder runs (`other_languages`), else 'post'."""
+        score, head, _ = self.screen(text)
+        return score, head
+
+    def screen(self, text: str) -> tuple[float, str, bool | None]:
+        """(score, head, distress) for a user message: `scores`, and whether any window voices
+        distress by the distress head (round 21; None for heads without one), from the same vectors."""
         parts = screen_windows(text, self.prepare)
         if not parts:
-            return 0.0, "input"
+            return 0.0, "input", None if "distress" not in self.heads else False
         emb = self.embed(parts)
+        distress = None
+        if "distress" in self.heads:
+            head = self.heads["distress"]
+            distress = bool(head.probs(emb).max() >= head.threshold)
         if is_post(parts):
             head = JOINT_POST if JOINT_POST in self.heads and self.other_languages is not None else "post"
             if head == JOINT_POST:
                 emb = joint_embeddings(emb, self.other_languages.embed(parts))
             if head in self.heads:
-                return float(self.heads[head].probs(post_features(emb)[None])[0]), head
-        return float(self.heads["input"].probs(emb).max()), "input"
+                return float(self.heads[head].probs(post_features(emb)[None])[0]), head, distress
+        return float(self.heads["input"].probs(emb).max()), "input", distress
 
 
 class Head:

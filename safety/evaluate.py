@@ -2,8 +2,8 @@
 
     python -m safety evaluate [--data ../shared/data/eval] [--json out.json] [--per-subreddit N]
 
-Sets: the project's own held-out test sets (data/testset.yaml; data/testset_languages.yaml, in other
-languages than English), XSTest's safe prompts, the Reddit
+Sets: the project's own held-out test sets (data/testset.yaml, with its two-message conversations;
+data/testset_languages.yaml, in other languages than English), XSTest's safe prompts, the Reddit
 Mental Health Dataset sample's test part (r/SuicideWatch against control and support subreddits,
 post level; safety/reddit.py),
 the C-SSRS Reddit set (recall by severity, user level) and counsel-chat's test-split questions
@@ -70,6 +70,53 @@ def own_testset(guard: Guard, path: Path = TESTSET, mistakes: list | None = None
     return {"categories": rows, "summary": summary}
 
 
+def conversations(guard: Guard, path: Path = TESTSET, mistakes: list | None = None) -> dict | None:
+    """A set's two-message conversations (its `conversation` part; None without one), each screened
+    as two chat turns of one conversation. A crisis pair is caught, and a safe one flagged, when
+    either turn gets the crisis response; `alone` is the same with each message screened in a
+    conversation of its own, as if the guard read no context."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")).get("conversation")
+    if not data:
+        return None
+    rows = []
+    for label, groups in data.items():
+        positive = label == "crisis"
+        for category, pairs in groups.items():
+            flags, alone = [], []
+            for pair in pairs:
+                conversation = ConversationState()
+                verdicts = [guard.check_input(text, conversation) for text in pair]
+                flags.append(any(v.crisis for v in verdicts))
+                alone.append(any(guard.check_input(text, ConversationState()).crisis for text in pair))
+                if mistakes is not None and flags[-1] != positive:
+                    mistakes.append(("conversation", label, category, " / ".join(pair), [v.reasons for v in verdicts]))
+            rows.append({"stage": "conversation", "label": label, "category": category, "n": len(flags),
+                         "metric": "recall" if positive else "false_positive_rate", "value": _rate(flags),
+                         "alone": _rate(alone)})
+    pos = [r for r in rows if r["metric"] == "recall"]
+    neg = [r for r in rows if r["metric"] != "recall"]
+
+    def mean(rs, key):
+        return sum(r[key] * r["n"] for r in rs) / sum(r["n"] for r in rs)
+
+    summary = {"recall": mean(pos, "value"), "false_positive_rate": mean(neg, "value"),
+               "recall_alone": mean(pos, "alone"), "false_positive_rate_alone": mean(neg, "alone"),
+               "n": sum(r["n"] for r in rows)}
+    return {"categories": rows, "summary": summary}
+
+
+def _conversation_table(result: dict) -> list[str]:
+    lines = ["Two-message conversations (a pair counts when either turn gets the crisis response)",
+             "| label | category | n | metric | value | each message alone |", "|---|---|---|---|---|---|"]
+    for r in result["categories"]:
+        lines.append(f"| {r['label']} | {r['category']} | {r['n']} | {r['metric']} | {r['value']:.3f} | {r['alone']:.3f} |")
+    s = result["summary"]
+    lines.append(f"\nconversation: recall {s['recall']:.3f}, false-positive rate {s['false_positive_rate']:.3f} "
+                 f"(n={s['n']} pairs); each message alone: recall {s['recall_alone']:.3f}, "
+                 f"false-positive rate {s['false_positive_rate_alone']:.3f}")
+    return lines
+
+
 def _flags(guard: Guard, texts: list[str]) -> list[bool]:
     return [guard.check_input(t).crisis for t in texts]
 
@@ -131,7 +178,8 @@ def dev(guard: Guard | None = None) -> int:
     guard = guard or Guard()
     guard.warm_up()
     mistakes: list = []
-    result = {"own_testset": own_testset(guard, DEVSET, mistakes)}
+    result = {"own_testset": own_testset(guard, DEVSET, mistakes),
+              "own_testset_conversations": conversations(guard, DEVSET, mistakes)}
     print(report(result, title="Development set (data/devset.yaml)"))
     print("\nMistakes:")
     for stage, label, category, text, reasons in mistakes:
@@ -142,7 +190,8 @@ def dev(guard: Guard | None = None) -> int:
 def run(data_root: Path | None, per_subreddit: int | None = None, guard: Guard | None = None) -> dict:
     guard = guard or Guard()
     guard.warm_up()
-    result = {"own_testset": own_testset(guard), "own_testset_languages": own_testset(guard, TESTSET_LANGUAGES)}
+    result = {"own_testset": own_testset(guard), "own_testset_languages": own_testset(guard, TESTSET_LANGUAGES),
+              "own_testset_conversations": conversations(guard)}
     if data_root and Path(data_root).is_dir():
         root = Path(data_root)
         result["xstest"] = xstest(guard, root)
@@ -167,6 +216,8 @@ def report(result: dict, title: str = "Own held-out test set") -> str:
     lines = _table(result["own_testset"], title)
     if "own_testset_languages" in result:
         lines += [""] + _table(result["own_testset_languages"], "Own held-out test set, other languages than English")
+    if result.get("own_testset_conversations"):
+        lines += [""] + _conversation_table(result["own_testset_conversations"])
     if "xstest" in result:
         x = result["xstest"]
         lines.append(f"\nXSTest safe prompts flagged: {x['safe_flagged']:.3f} (n={x['n']})")

@@ -67,6 +67,16 @@ CAUTIOUS_QUANTILE = 0.99
 # well inside its 5% target.
 COUNSEL_WEIGHT = 0.2
 MULTILINGUAL_EXAMPLES = Path(__file__).parent / "data" / "examples_multilingual.yaml"
+# Round 21: the distress head (MiniLM's only): does a message voice a hard time? Its examples are
+# data/distress.yaml's, every crisis example and examples.yaml's sad and struggling messages
+# (DISTRESS_CATEGORIES) against its neutral ones and examples.yaml's NEUTRAL_CATEGORIES. Its
+# threshold is the highest whose cross-validated recall of distress reaches DISTRESS_RECALL: it
+# only opens the door to the means-question rule, so missing distress costs more than finding it.
+DISTRESS_FILE = Path(__file__).parent / "data" / "distress.yaml"
+DISTRESS_CATEGORIES = {"sadness", "opener"}
+NEUTRAL_CATEGORIES = {"everyday", "technical", "question", "short"}
+DISTRESS_RECALL = 0.95
+DISTRESS_C = 4.0
 
 
 # examples.yaml's categories the multilingual heads leave out: its messages in other languages (round
@@ -245,6 +255,43 @@ def _recall_threshold(labels: np.ndarray, probs: np.ndarray, hits: np.ndarray, t
     return best
 
 
+def distress_examples(examples: Path = EXAMPLES_FILE, path: Path = DISTRESS_FILE) -> tuple[list[str], np.ndarray]:
+    """(texts, labels) of the distress head: 1 = a hard time voiced (fit.py's DISTRESS_* notes)."""
+    import yaml
+
+    texts, labels = [], []
+    for text, label, category in load_examples(examples, "input"):
+        if label == 1 or category in DISTRESS_CATEGORIES or category in NEUTRAL_CATEGORIES:
+            texts.append(text)
+            labels.append(int(label == 1 or category in DISTRESS_CATEGORIES))
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    for key, label in (("distress", 1), ("neutral", 0)):
+        texts += data[key]
+        labels += [label] * len(data[key])
+    return texts, np.array(labels)
+
+
+def fit_distress(model, seed: int = 0, examples: Path = EXAMPLES_FILE) -> tuple[dict, dict]:
+    """The distress head (logistic) on `model`'s vectors, and its cross-validated report."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    from .classifier import text_form
+
+    texts, y = distress_examples(examples)
+    x = model.encode([text_form(DEFAULT_EMBEDDER)(t) for t in texts], batch_size=64, normalize_embeddings=True,
+                     convert_to_numpy=True)
+    clf = LogisticRegression(C=DISTRESS_C, class_weight="balanced", max_iter=2000)
+    oof = cross_val_predict(clf, x, y, cv=_folds(seed), method="predict_proba")[:, 1]
+    threshold = _recall_threshold(y, oof, np.zeros(len(y), dtype=bool), DISTRESS_RECALL)
+    clf.fit(x, y)
+    report = {"examples": len(y), "distress_examples": int(y.sum()),
+              "cv_recall": round(float((oof[y == 1] >= threshold).mean()), 4),
+              "cv_neutral_flagged": round(float((oof[y == 0] >= threshold).mean()), 4)}
+    head = {"coef": clf.coef_[0].round(6).tolist(), "intercept": float(clf.intercept_[0]), "threshold": threshold}
+    return head, report
+
+
 def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = DEFAULT_EMBEDDER, seed: int = 0,
         data_root: Path | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
@@ -288,6 +335,9 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
             heads[stage]["cautious_threshold"] = cautious_threshold(y, oofs, threshold)
             report[stage]["cautious_threshold"] = round(heads[stage]["cautious_threshold"], 4)
 
+    if embedder != multilingual.EMBEDDER:  # the means-question rule reads English (round 21)
+        heads["distress"], report["distress"] = fit_distress(model, seed, examples)
+
     old = {"heads": {}, "cv": {}, **previous_heads(out)}  # a broken file is written over
     if data_root is not None and (Path(data_root) / RMHD_FILE).is_file():
         # counsel-chat's train questions without risk, those the post head reads. The input head
@@ -316,6 +366,8 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
     elif "post" in old["heads"]:
         print(f"note: {data_root}/{RMHD_FILE} not found; no post head (the old one read {old.get('embedder')}'s vectors)")
     result = {"embedder": embedder, "examples_sha256": examples_digest(examples), "heads": heads, "cv": report}
+    if "distress" in heads:
+        result["distress_sha256"] = examples_digest(DISTRESS_FILE)
     if embedder == multilingual.EMBEDDER:
         result["multilingual_examples_sha256"] = examples_digest(MULTILINGUAL_EXAMPLES)
     Path(out).write_text(json.dumps(result) + "\n")

@@ -39,6 +39,10 @@ MIN_CHECK_CHARS = 80
 # seldom waits. A 160-character chunk with its context (about 42 words) fits one 48-word window.
 LATER_CHECK_CHARS = 160
 CONTEXT_WORDS = 12  # each chunk is read after this much of the text before it: its last sentence, at most
+# Round 21: a means question and distress count together within this many user messages (the
+# message itself and the two before it): "I just lost my job" then "what are the tallest bridges
+# around here?"
+CONTEXT_TURNS = 3
 MAX_SCREEN_CHARS = 20_000  # longer messages: the first and last 10,000 characters are screened
 _QUESTION = re.compile(r"^(what|what's|whats|how|why|when|where|who|which|is|are|can|could|should|does|do|did|will|would)\b[^.!]*\??$")
 
@@ -50,6 +54,10 @@ class Verdict:
     reasons: list[str] = field(default_factory=list)
     category: str | None = None
     language: str = "en"  # the crisis response's: that of the lexicon entry that caught it
+    # round 21, for the conversation: the message voices distress (the distress head); the id of a
+    # means question in it (lexicon.means_question), None if none
+    distress: bool = False
+    means: str | None = None
 
     def to_json(self) -> dict:
         return {"crisis": self.crisis, "score": round(self.score, 4), "reasons": self.reasons}
@@ -57,10 +65,12 @@ class Verdict:
 
 @dataclass
 class ConversationState:
-    """Per-conversation memory: once risk has shown, it stays marked."""
+    """Per-conversation memory: once risk has shown, it stays marked. No text is kept: of the
+    last messages only two flags each (distress voiced, means asked about), for the context rule."""
 
     at_risk: bool = False
     flagged_turns: int = 0
+    recent: list[tuple[bool, bool]] = field(default_factory=list)  # (distress, means) of earlier messages
 
 
 @dataclass
@@ -131,7 +141,9 @@ class Guard:
         # the multilingual heads for a message in another language (a classifier without `route`: as it is)
         route = getattr(self.classifier, "route", lambda _: (self.classifier, "en"))
         classifier, written_in = route(text)
-        score, head = classifier.scores(text)  # head: 'input', or a post head from 20 words on
+        screen = getattr(classifier, "screen", None)  # a classifier without it: no distress reading
+        # head: 'input', or a post head from 20 words on; distress: None without a distress head
+        score, head, distress = screen(text) if screen else (*classifier.scores(text), None)
         threshold = classifier.threshold(head)
         if head == "input" and not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))
                                              or self.lexicon.softened(text)):
@@ -152,7 +164,11 @@ class Guard:
         # the crisis response's language: the lexicon entry's, else the message's (English where
         # responses.yaml has no text in it)
         language = (high or medium)[0].lang if crisis and (high or medium) else written_in if crisis else "en"
-        return Verdict(crisis, combined, reasons, category, language)
+        means = self.lexicon.means_question(text)
+        verdict = Verdict(crisis, combined, reasons, category, language, bool(distress), means)
+        if means and (distress or at_risk):  # "I lost my job. What are the bridges taller than 25 m in NYC?"
+            return _in_context(verdict)
+        return verdict
 
     def _output(self, text: str) -> Verdict:
         hits = [h for h in self.lexicon.match(text, "output") if h.severity == "high"]
@@ -171,9 +187,14 @@ class Guard:
             half = MAX_SCREEN_CHARS // 2
             text = text[:half] + "\n" + text[-half:]
         verdict = self._run(self._input, text, at_risk)
-        if verdict.crisis and conversation is not None:
-            conversation.at_risk = True
-            conversation.flagged_turns += 1
+        if conversation is not None:
+            earlier = conversation.recent[-(CONTEXT_TURNS - 1):]
+            if (verdict.means and any(d for d, _ in earlier)) or (verdict.distress and any(m for _, m in earlier)):
+                verdict = _in_context(verdict)  # a means question and distress within CONTEXT_TURNS messages
+            conversation.recent = (earlier + [(verdict.distress, bool(verdict.means))])[-(CONTEXT_TURNS - 1):]
+            if verdict.crisis:
+                conversation.at_risk = True
+                conversation.flagged_turns += 1
         return verdict
 
     def check_output(self, text: str) -> Verdict:
@@ -227,6 +248,15 @@ class Guard:
             close = getattr(deltas, "close", None)
             if close:
                 close()
+
+
+def _in_context(verdict: Verdict) -> Verdict:
+    """A verdict turned into a crisis by the conversation: a means question with distress."""
+    if verdict.crisis:
+        return verdict
+    reason = f"context:means_question:{verdict.means}" if verdict.means else "context:distress_after_means_question"
+    return Verdict(True, max(verdict.score, 0.5), verdict.reasons + [reason], "plans", verdict.language,
+                   verdict.distress, verdict.means)
 
 
 def _context(chunk: str) -> str:

@@ -51,6 +51,8 @@ class Lexicon:
         self.negation_phrases = re.compile(data.get("negation_phrases", r"(?!)"))
         self.negated_after = re.compile(data.get("negated_after", r"(?!)"))
         self.idioms = [re.compile(p) for p in data.get("idioms", [])]
+        self.means_questions = [(raw["id"], re.compile(raw["pattern"])) for raw in data.get("means_questions", [])]
+        self.means_purposes = re.compile(data.get("means_purposes", r"(?!)"))
         self.entries: dict[str, list[Entry]] = {}
         for stage in STAGES:
             entries = []
@@ -84,6 +86,16 @@ class Lexicon:
         for three years"): the guard then asks the classifier to be much surer."""
         forms = variants(text)
         return any(self._recovered(form) or any(p.search(form) for p in self.idioms) for form in forms)
+
+    def means_question(self, text: str) -> str | None:
+        """The id of the first means question in the text ("what are the tallest bridges around
+        here?", round 21), or None: none, or the text gives a harmless purpose ("the safest dose for
+        a headache", "we're visiting, which tower has the best view?"). Not risk alone: the guard
+        weighs it with the conversation."""
+        forms = variants(text)
+        if any(self.means_purposes.search(form) for form in forms):
+            return None
+        return next((name for name, p in self.means_questions for form in forms if p.search(form)), None)
 
     def _recovered(self, text: str) -> bool:
         """A recovery statement, and no word of relapse anywhere in the text."""
