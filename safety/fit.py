@@ -271,15 +271,15 @@ def distress_examples(examples: Path = EXAMPLES_FILE, path: Path = DISTRESS_FILE
     return texts, np.array(labels)
 
 
-def fit_distress(model, seed: int = 0, examples: Path = EXAMPLES_FILE) -> tuple[dict, dict]:
-    """The distress head (logistic) on `model`'s vectors, and its cross-validated report."""
+def fit_distress(model, embedder: str, seed: int = 0, examples: Path = EXAMPLES_FILE) -> tuple[dict, dict]:
+    """The distress head (logistic) on `model`'s (`embedder`'s) vectors, and its cross-validated report."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
     from .classifier import text_form
 
     texts, y = distress_examples(examples)
-    x = model.encode([text_form(DEFAULT_EMBEDDER)(t) for t in texts], batch_size=64, normalize_embeddings=True,
+    x = model.encode([text_form(embedder)(t) for t in texts], batch_size=64, normalize_embeddings=True,
                      convert_to_numpy=True)
     clf = LogisticRegression(C=DISTRESS_C, class_weight="balanced", max_iter=2000)
     oof = cross_val_predict(clf, x, y, cv=_folds(seed), method="predict_proba")[:, 1]
@@ -336,7 +336,7 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
             report[stage]["cautious_threshold"] = round(heads[stage]["cautious_threshold"], 4)
 
     if embedder != multilingual.EMBEDDER:  # the means-question rule reads English (round 21)
-        heads["distress"], report["distress"] = fit_distress(model, seed, examples)
+        heads["distress"], report["distress"] = fit_distress(model, embedder, seed, examples)
 
     old = {"heads": {}, "cv": {}, **previous_heads(out)}  # a broken file is written over
     if data_root is not None and (Path(data_root) / RMHD_FILE).is_file():

@@ -534,10 +534,13 @@ def test_a_means_question_with_a_purpose_or_without_distress_reaches_the_model(g
 
 
 def test_distress_counts_for_the_next_two_messages_only(guard):
-    conversation = ConversationState()
-    for text in ("my dad died last month and I can't stop crying", "ok", "sure"):
-        assert not guard.check_input(text, conversation).crisis
-    assert not guard.check_input("which bridge in town is the highest?", conversation).crisis
+    sad, question = "my dad died last month and I can't stop crying", "which bridge in town is the highest?"
+    soon = ConversationState()
+    assert [guard.check_input(t, soon).crisis for t in (sad, "ok", question)] == [False, False, True]
+    later = ConversationState()
+    for text in (sad, "ok", "sure"):
+        assert not guard.check_input(text, later).crisis
+    assert not guard.check_input(question, later).crisis
 
 
 def test_the_conversation_keeps_no_text(guard):
@@ -552,6 +555,7 @@ def test_the_conversation_keeps_no_text(guard):
             return [leaf for v in value for leaf in leaves(v)]
         return [value]
 
+    assert conversation.recent == [(False, True), (False, False)] and conversation.at_risk  # the flags are kept
     assert not [v for v in leaves(list(dataclasses.asdict(conversation).values())) if isinstance(v, str)]
 
 
