@@ -39,9 +39,9 @@ MIN_CHECK_CHARS = 80
 # seldom waits. A 160-character chunk with its context (about 42 words) fits one 48-word window.
 LATER_CHECK_CHARS = 160
 CONTEXT_WORDS = 12  # each chunk is read after this much of the text before it: its last sentence, at most
-# Round 21: a means question and distress count together within this many user messages (the
+# Round 21: a warning sign and distress count together within this many user messages (the
 # message itself and the two before it): "I just lost my job" then "what are the tallest bridges
-# around here?"
+# around here?" (a means question; round 22 added farewells and last arrangements)
 CONTEXT_TURNS = 3
 MAX_SCREEN_CHARS = 20_000  # longer messages: the first and last 10,000 characters are screened
 _QUESTION = re.compile(r"^(what|what's|whats|how|why|when|where|who|which|is|are|can|could|should|does|do|did|will|would)\b[^.!]*\??$")
@@ -54,10 +54,10 @@ class Verdict:
     reasons: list[str] = field(default_factory=list)
     category: str | None = None
     language: str = "en"  # the crisis response's: that of the lexicon entry that caught it
-    # round 21, for the conversation: the message voices distress (the distress head); the id of a
-    # means question in it (lexicon.means_question), None if none
+    # rounds 21-22, for the conversation: the message voices distress (the distress head); the
+    # warning sign in it ('means_question:<id>' or 'farewell:<id>', lexicon.warning_sign), None if none
     distress: bool = False
-    means: str | None = None
+    sign: str | None = None
 
     def to_json(self) -> dict:
         return {"crisis": self.crisis, "score": round(self.score, 4), "reasons": self.reasons}
@@ -66,11 +66,11 @@ class Verdict:
 @dataclass
 class ConversationState:
     """Per-conversation memory: once risk has shown, it stays marked. No text is kept: of the
-    last messages only two flags each (distress voiced, means asked about), for the context rule."""
+    last messages only two flags each (distress voiced, a warning sign shown), for the context rule."""
 
     at_risk: bool = False
     flagged_turns: int = 0
-    recent: list[tuple[bool, bool]] = field(default_factory=list)  # (distress, means) of earlier messages
+    recent: list[tuple[bool, bool]] = field(default_factory=list)  # (distress, sign) of earlier messages
 
 
 @dataclass
@@ -164,9 +164,9 @@ class Guard:
         # the crisis response's language: the lexicon entry's, else the message's (English where
         # responses.yaml has no text in it)
         language = (high or medium)[0].lang if crisis and (high or medium) else written_in if crisis else "en"
-        means = self.lexicon.means_question(text)
-        verdict = Verdict(crisis, combined, reasons, category, language, bool(distress), means)
-        if means and (distress or at_risk):  # "I lost my job. What are the bridges taller than 25 m in NYC?"
+        sign = self.lexicon.warning_sign(text)
+        verdict = Verdict(crisis, combined, reasons, category, language, bool(distress), sign)
+        if sign and (distress or at_risk):  # "I lost my job. What are the bridges taller than 25 m in NYC?"
             return _in_context(verdict)
         return verdict
 
@@ -189,9 +189,9 @@ class Guard:
         verdict = self._run(self._input, text, at_risk)
         if conversation is not None:
             earlier = conversation.recent[-(CONTEXT_TURNS - 1):]
-            if (verdict.means and any(d for d, _ in earlier)) or (verdict.distress and any(m for _, m in earlier)):
-                verdict = _in_context(verdict)  # a means question and distress within CONTEXT_TURNS messages
-            conversation.recent = (earlier + [(verdict.distress, bool(verdict.means))])[-(CONTEXT_TURNS - 1):]
+            if (verdict.sign and any(d for d, _ in earlier)) or (verdict.distress and any(s for _, s in earlier)):
+                verdict = _in_context(verdict)  # a warning sign and distress within CONTEXT_TURNS messages
+            conversation.recent = (earlier + [(verdict.distress, bool(verdict.sign))])[-(CONTEXT_TURNS - 1):]
             if verdict.crisis:
                 conversation.at_risk = True
                 conversation.flagged_turns += 1
@@ -251,12 +251,12 @@ class Guard:
 
 
 def _in_context(verdict: Verdict) -> Verdict:
-    """A verdict turned into a crisis by the conversation: a means question with distress."""
+    """A verdict turned into a crisis by the conversation: a warning sign with distress."""
     if verdict.crisis:
         return verdict
-    reason = f"context:means_question:{verdict.means}" if verdict.means else "context:distress_after_means_question"
+    reason = f"context:{verdict.sign}" if verdict.sign else "context:distress_after_warning_sign"
     return Verdict(True, max(verdict.score, 0.5), verdict.reasons + [reason], "plans", verdict.language,
-                   verdict.distress, verdict.means)
+                   verdict.distress, verdict.sign)
 
 
 def _context(chunk: str) -> str:

@@ -53,6 +53,8 @@ class Lexicon:
         self.idioms = [re.compile(p) for p in data.get("idioms", [])]
         self.means_questions = [(raw["id"], re.compile(raw["pattern"])) for raw in data.get("means_questions", [])]
         self.means_purposes = re.compile(data.get("means_purposes", r"(?!)"))
+        self.farewell_signs = [(raw["id"], re.compile(raw["pattern"])) for raw in data.get("farewell_signs", [])]
+        self.farewell_reasons = re.compile(data.get("farewell_reasons", r"(?!)"))
         self.entries: dict[str, list[Entry]] = {}
         for stage in STAGES:
             entries = []
@@ -96,6 +98,24 @@ class Lexicon:
         if any(self.means_purposes.search(form) for form in forms):
             return None
         return next((name for name, p in self.means_questions for form in forms if p.search(form)), None)
+
+    def farewell(self, text: str) -> str | None:
+        """The id of the first farewell or last arrangement in the text ("this is the last time I'll
+        be writing here", "who takes care of your pets when you die?", round 22), or None: none, or
+        the text says it is for now or gives a reason ("bye for now", "we're moving"). Not risk
+        alone: the guard weighs it with the conversation, as a means question."""
+        forms = variants(text)
+        if any(self.farewell_reasons.search(form) for form in forms):
+            return None
+        return next((name for name, p in self.farewell_signs for form in forms if p.search(form)), None)
+
+    def warning_sign(self, text: str) -> str | None:
+        """'means_question:<id>' or 'farewell:<id>' for the first sign in the text, else None."""
+        means = self.means_question(text)
+        if means:
+            return f"means_question:{means}"
+        farewell = self.farewell(text)
+        return f"farewell:{farewell}" if farewell else None
 
     def _recovered(self, text: str) -> bool:
         """A recovery statement, and no word of relapse anywhere in the text."""

@@ -576,6 +576,70 @@ def test_means_questions(text, means):
     assert default_lexicon().means_question(text) == means
 
 
+
+# --- the conversation: farewells and last arrangements (round 22) ------------------------------
+@pytest.mark.parametrize("farewell", [
+    "anyway, this is the last time I'll be posting here",
+    "who feeds your cat if you die?",
+])
+def test_a_farewell_after_distress_never_reaches_the_model(guard, farewell):
+    """The same farewell reaches the model in a new conversation, and gets the crisis response
+    after distress; the conversation is then marked."""
+    from chatbot.service import ChatService
+
+    spy = SpyEngine()
+    service = ChatService(spy, guard)
+    assert "How are you feeling now?" in service.reply(farewell, conversation=ConversationState(), region="GB")
+    conversation = ConversationState()
+    first = service.reply("my business went under and my partner walked out", conversation=conversation, region="GB")
+    second = service.reply(farewell, conversation=conversation, region="GB")
+    assert "How are you feeling now?" in first and "116 123" in second and "How are you feeling now?" not in second
+    assert len(spy.calls) == 2 and conversation.at_risk
+
+
+@pytest.mark.parametrize("first, second", [
+    ("I had a rough day at work", "thanks, bye for now, I'm off to bed"),
+    ("I've been so low since the divorce", "I need to find a new home for my dog, my new landlord says no pets"),
+    ("I'm dreading my exams", "this is my last message today, I need to revise"),
+])
+def test_an_ordinary_goodbye_after_sadness_reaches_the_model(guard, first, second):
+    from chatbot.service import ChatService
+
+    spy = SpyEngine()
+    service = ChatService(spy, guard)
+    conversation = ConversationState()
+    for message in (first, second):
+        assert "How are you feeling now?" in service.reply(message, conversation=conversation, region="GB")
+    assert len(spy.calls) == 2 and not conversation.at_risk
+
+
+@pytest.mark.parametrize("text, sign", [
+    ("this will be the last time I talk to anyone", "farewell:last_time"),
+    ("you won't hear from me again", "farewell:not_back"),
+    ("who takes care of the dog when the owner dies?", "farewell:care_after"),
+    ("I want to make sure my cat finds a loving home", "farewell:rehome"),
+    ("I've arranged who will take my rabbits", "farewell:arranged"),
+    ("tell my brother I always loved him", "farewell:last_words"),
+    ("how many sleeping pills are too many?", "means_question:medicines"),
+    ("this is the last time I'll write here, see you next week", None),  # for now
+    ("I won't be back until Monday", None),
+    ("we're moving abroad, I need a new home for my cat", None),  # a reason
+    ("who looks after your dog while you're on holiday?", None),
+    ("I want to make sure her dog goes to a good home", None),  # not the speaker's
+])
+def test_warning_signs(text, sign):
+    from safety.lexicon import default_lexicon
+
+    assert default_lexicon().warning_sign(text) == sign
+
+
+@pytest.mark.parametrize("text, crisis", [
+    ("this is my last message", True),
+    ("this is my last message today, I need to revise", False),
+])
+def test_a_last_message_for_now_is_not_a_farewell(guard, text, crisis):
+    assert guard.check_input(text).crisis == crisis
+
 # --- fail closed ----------------------------------------------------------------------------
 class BrokenClassifier:
     def score(self, text, stage="input"):
