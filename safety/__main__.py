@@ -76,7 +76,7 @@ def _run(args) -> int:
     if args.command == "evaluate":
         from .evaluate import dev, main as evaluate
 
-        return dev() if args.dev else evaluate(args.data or None, args.json, args.per_subreddit)
+        return dev(data_root=args.data or None) if args.dev else evaluate(args.data or None, args.json, args.per_subreddit)
     if args.command == "fit":
         from .classifier import heads_file, recorded_embedder
         from .fit import fit

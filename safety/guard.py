@@ -83,9 +83,10 @@ class SafetyConfig:
     # for negated mentions, questions and figures of speech: each input head's own bar (fitted with
     # it, round 18); this one for a heads file without one (the logistic heads' hand-set bar)
     cautious_threshold: float = 0.9
-    # The output head was fitted on 68 hand-written replies; real replies of the default model
-    # score higher (an ordinary reply scored 0.71 in development), so the classifier alone blocks
-    # a reply only from this score; the lexicon still blocks method details and encouragement.
+    # The output head was once fitted on 68 hand-written replies, and real replies scored higher (an
+    # ordinary reply 0.71 in development), so the classifier alone blocks a reply only from this
+    # score. Since round 22 the output heads read therapists' answers and their thresholds (0.94
+    # MiniLM's, 0.86 the joint one) are over it; it stays as a floor for heads fitted without them.
     output_floor: float = 0.85
 
 
@@ -172,8 +173,9 @@ class Guard:
 
     def _output(self, text: str) -> Verdict:
         hits = [h for h in self.lexicon.match(text, "output") if h.severity == "high"]
-        score = self.classifier.score(text, "output")
-        by_model = score >= max(self.classifier.threshold("output"), self.config.output_floor)
+        output_score = getattr(self.classifier, "output_score", None)  # a classifier without it: as it is
+        score, head = output_score(text) if output_score else (self.classifier.score(text, "output"), "output")
+        by_model = score >= max(self.classifier.threshold(head), self.config.output_floor)
         reasons = [h.reason for h in hits] + ([f"classifier:{score:.2f}"] if by_model else [])
         category = hits[0].category if hits else ("classifier" if by_model else None)
         return Verdict(bool(hits) or by_model, max(score, 1.0 if hits else 0.0), reasons, category)
@@ -221,33 +223,38 @@ class Guard:
         and yields one replace event with the crisis response; the unsafe text itself is never
         yielded.
         """
-        pending, previous, need = "", "", min_chars
         try:
-            for delta in deltas:
-                pending += delta
-                cut = _last_boundary(pending)
-                if (cut == 0 or cut < need) and len(pending) < MAX_PENDING_CHARS:
-                    continue
-                if cut == 0:  # a run-on reply: checked and released at a word boundary
-                    cut = pending.rfind(" ") + 1 or len(pending)
-                chunk, pending = pending[:cut], pending[cut:]
-                verdict = self.check_output(previous + chunk)
-                if verdict.crisis:
+            for chunk, checked in reply_chunks(deltas, min_chars, later_chars):
+                verdict = self.check_output(checked) if checked else None  # "": trailing whitespace
+                if verdict and verdict.crisis:
                     yield StreamEvent(replace=self.crisis_response(region), verdict=verdict)
                     return
-                previous, need = _context(chunk), max(min_chars, later_chars)
                 yield StreamEvent(text=chunk)
-            if pending.strip():
-                verdict = self.check_output(previous + pending)
-                if verdict.crisis:
-                    yield StreamEvent(replace=self.crisis_response(region), verdict=verdict)
-                    return
-            if pending:
-                yield StreamEvent(text=pending)
         finally:
             close = getattr(deltas, "close", None)
             if close:
                 close()
+
+
+def reply_chunks(deltas: Iterator[str], min_chars: int = MIN_CHECK_CHARS,
+                 later_chars: int = LATER_CHECK_CHARS) -> Iterator[tuple[str, str]]:
+    """(chunk, text to check) as `Guard.stream` releases a reply: whole sentences, the first chunk
+    at least `min_chars` long and the others at least `later_chars` (the last may be shorter), each
+    checked with the sentence before it (its last CONTEXT_WORDS words, if longer). `safety fit`
+    reads therapists' answers this way, as the output check will see replies."""
+    pending, previous, need = "", "", min_chars
+    for delta in deltas:
+        pending += delta
+        cut = _last_boundary(pending)
+        if (cut == 0 or cut < need) and len(pending) < MAX_PENDING_CHARS:
+            continue
+        if cut == 0:  # a run-on reply: checked and released at a word boundary
+            cut = pending.rfind(" ") + 1 or len(pending)
+        chunk, pending = pending[:cut], pending[cut:]
+        yield chunk, previous + chunk
+        previous, need = _context(chunk), max(min_chars, later_chars)
+    if pending:
+        yield pending, previous + pending if pending.strip() else ""
 
 
 def _in_context(verdict: Verdict) -> Verdict:
