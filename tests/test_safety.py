@@ -684,12 +684,18 @@ def test_warning_signs(text, sign):
     assert default_lexicon().warning_sign(text) == sign
 
 
-@pytest.mark.parametrize("text, crisis", [
+@pytest.mark.parametrize("text, hit", [
     ("this is my last message", True),
+    ("this is my last night in this world", True),
+    ("this is my last message before I go for good", True),
     ("this is my last message today, I need to revise", False),
+    ("this is my last night in Lisbon before I fly home", False),
 ])
-def test_a_last_message_for_now_is_not_a_farewell(guard, text, crisis):
-    assert guard.check_input(text).crisis == crisis
+def test_a_last_message_for_now_is_not_a_farewell(guard, text, hit):
+    """The lexicon's high "this is my last message / night" (round 22: not when it is for now)."""
+    assert bool(guard.lexicon.match(text, "input")) == hit
+    if hit:
+        assert guard.check_input(text).crisis
 
 # --- fail closed ----------------------------------------------------------------------------
 class BrokenClassifier:
