@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from .counsel import COUNSEL_FILE, answers, counsel_root, questions
-from .guard import ConversationState, Guard
+from .guard import ConversationState, Guard, word_deltas
 from .reddit import CRISIS_SUBREDDIT, group_of, posts
 
 TESTSET = Path(__file__).parent / "data" / "testset.yaml"
@@ -167,8 +167,7 @@ _RISK_WORDS = re.compile(r"suicid|self[- ]?harm|\bcut(ting)?\b|\bkill|\bdie\b|\b
 
 def _replaced(guard: Guard, reply: str) -> bool:
     """Whether the stream wrapper replaces a reply that arrives word by word, as from the model."""
-    words = iter(re.findall(r"\S+\s*", reply))
-    return any(event.replace for event in guard.stream(words))
+    return any(event.replace for event in guard.stream(word_deltas(reply)))
 
 
 def counsel_answers(guard: Guard, root: Path, split: str = "test") -> dict:

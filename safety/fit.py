@@ -30,7 +30,6 @@ never read here. Without the Reddit data the post head in heads.json is kept as 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -315,13 +314,13 @@ def answer_windows(data_root: Path, prepare) -> list[str]:
     each with the sentence before it, cut into screening windows ([] without the file)."""
     from .classifier import screen_windows
     from .counsel import COUNSEL_FILE, answers, counsel_root
-    from .guard import reply_chunks
+    from .guard import reply_chunks, word_deltas
 
     root = counsel_root(data_root)
     if not (root / COUNSEL_FILE).is_file():
         return []
     return [w for answer in answers(root, "train")
-            for _, checked in reply_chunks(iter(re.findall(r"\S+\s*", answer))) if checked
+            for _, checked in reply_chunks(word_deltas(answer)) if checked
             for w in screen_windows(checked, prepare)]
 
 

@@ -236,6 +236,11 @@ class Guard:
                 close()
 
 
+def word_deltas(text: str) -> Iterator[str]:
+    """A whole reply as a model streams it, word by word (each word with the space after it)."""
+    return iter(re.findall(r"\S+\s*", text))
+
+
 def reply_chunks(deltas: Iterator[str], min_chars: int = MIN_CHECK_CHARS,
                  later_chars: int = LATER_CHECK_CHARS) -> Iterator[tuple[str, str]]:
     """(chunk, text to check) as `Guard.stream` releases a reply: whole sentences, the first chunk

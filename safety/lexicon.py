@@ -94,20 +94,14 @@ class Lexicon:
         here?", round 21), or None: none, or the text gives a harmless purpose ("the safest dose for
         a headache", "we're visiting, which tower has the best view?"). Not risk alone: the guard
         weighs it with the conversation."""
-        forms = variants(text)
-        if any(self.means_purposes.search(form) for form in forms):
-            return None
-        return next((name for name, p in self.means_questions for form in forms if p.search(form)), None)
+        return _first_sign(variants(text), self.means_questions, self.means_purposes)
 
     def farewell(self, text: str) -> str | None:
         """The id of the first farewell or last arrangement in the text ("this is the last time I'll
         be writing here", "who takes care of your pets when you die?", round 22), or None: none, or
         the text says it is for now or gives a reason ("bye for now", "we're moving"). Not risk
         alone: the guard weighs it with the conversation, as a means question."""
-        forms = variants(text)
-        if any(self.farewell_reasons.search(form) for form in forms):
-            return None
-        return next((name for name, p in self.farewell_signs for form in forms if p.search(form)), None)
+        return _first_sign(variants(text), self.farewell_signs, self.farewell_reasons)
 
     def warning_sign(self, text: str) -> str | None:
         """'means_question:<id>' or 'farewell:<id>' for the first sign in the text, else None."""
@@ -141,6 +135,13 @@ class Lexicon:
                         break
         extra = [h for k, h in negated_hits.items() if k not in hits] if negated else []
         return list(hits.values()) + extra
+
+
+def _first_sign(forms: list[str], signs: list[tuple[str, re.Pattern]], excuse: re.Pattern) -> str | None:
+    """The id of the first of `signs` in any form of a text, or None where `excuse` is found in one."""
+    if any(excuse.search(form) for form in forms):
+        return None
+    return next((name for name, p in signs for form in forms if p.search(form)), None)
 
 
 @lru_cache(maxsize=1)
