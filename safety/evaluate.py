@@ -39,18 +39,23 @@ def _rate(flags: list[bool]) -> float:
 
 
 def own_testset(guard: Guard, path: Path = TESTSET, mistakes: list | None = None) -> dict:
-    """Per-category results on a labelled YAML set; `mistakes` collects wrong texts (dev set only)."""
+    """Per-category results on a labelled YAML set; `mistakes` collects wrong texts (dev set only).
+    The replies are read twice: as in a new conversation ('output'), and as in a marked one, where
+    risk has shown ('output_marked', round 23)."""
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     rows, latencies = [], []
-    stages = [s for s in ("input", "output") if s in data]
+    stages = [s for s in ("input", "output") if s in data] + (["output_marked"] if "output" in data else [])
     for stage in stages:
-        for label, groups in data[stage].items():
+        for label, groups in data[stage.removesuffix("_marked")].items():
             positive = label in ("crisis", "unsafe")
             for category, texts in groups.items():
                 flags = []
                 for text in texts:
                     started = time.perf_counter()
-                    verdict = guard.check_input(text, ConversationState()) if stage == "input" else guard.check_output(text)
+                    if stage == "input":
+                        verdict = guard.check_input(text, ConversationState())
+                    else:
+                        verdict = guard.check_output(text, ConversationState(at_risk=stage == "output_marked"))
                     latencies.append((stage, time.perf_counter() - started))
                     flags.append(verdict.crisis)
                     if mistakes is not None and verdict.crisis != positive:
@@ -165,19 +170,22 @@ def counsel_chat(guard: Guard, root: Path, split: str = "test") -> dict:
 _RISK_WORDS = re.compile(r"suicid|self[- ]?harm|\bcut(ting)?\b|\bkill|\bdie\b|\bdying\b|\bdeath|overdos|hotline|crisis line|lifeline|\b988\b", re.I)
 
 
-def _replaced(guard: Guard, reply: str) -> bool:
-    """Whether the stream wrapper replaces a reply that arrives word by word, as from the model."""
-    return any(event.replace for event in guard.stream(word_deltas(reply)))
+def _replaced(guard: Guard, reply: str, marked: bool = False) -> bool:
+    """Whether the stream wrapper replaces a reply that arrives word by word, as from the model, in
+    a new conversation or (`marked`) in one where risk has shown."""
+    return any(event.replace for event in guard.stream(word_deltas(reply), conversation=ConversationState(at_risk=marked)))
 
 
 def counsel_answers(guard: Guard, root: Path, split: str = "test") -> dict:
     """counsel-chat's therapists' answers of a split, streamed through the output check: how many
     are replaced by the crisis response, overall and among those that speak of suicide or self-harm."""
     texts = answers(root, split)
-    flags = [_replaced(guard, t) for t in texts]
-    risky = [f for t, f in zip(texts, flags) if _RISK_WORDS.search(t)]
-    return {"split": split, "n_answers": len(texts), "replaced": _rate(flags), "n_risk_words": len(risky),
-            "risk_words_replaced": _rate(risky)}
+    out = {"split": split, "n_answers": len(texts)}
+    for marked, suffix in ((False, ""), (True, "_marked")):
+        flags = [_replaced(guard, t, marked) for t in texts]
+        risky = [f for t, f in zip(texts, flags) if _RISK_WORDS.search(t)]
+        out.update({f"replaced{suffix}": _rate(flags), "n_risk_words": len(risky), f"risk_words_replaced{suffix}": _rate(risky)})
+    return out
 
 
 def cssrs(guard: Guard, root: Path) -> dict:
@@ -266,6 +274,9 @@ def report(result: dict, title: str = "Own held-out test set") -> str:
         lines.append(f"counsel-chat therapists' answers ({c['split']} split, n={c['n_answers']}) replaced by the crisis "
                      f"response while streaming: {c['replaced']:.3f}; the {c['n_risk_words']} that speak of suicide, "
                      f"self-harm or death: {c['risk_words_replaced']:.3f}")
+        if "replaced_marked" in c:
+            lines.append(f"  in a marked conversation: {c['replaced_marked']:.3f}; those that speak of suicide, "
+                         f"self-harm or death: {c['risk_words_replaced_marked']:.3f}")
     return "\n".join(lines)
 
 

