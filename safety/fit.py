@@ -89,8 +89,8 @@ DISTRESS_FILE = Path(__file__).parent / "data" / "distress.yaml"
 # against 14 for MiniLM's at the same share of val answers blocked; e5 ran on 9% of their chunks.
 # Round 23: in a marked conversation (risk has shown) each output head reads at its
 # `wary_threshold`, the lowest at which at most WARY_BLOCK_RATE of the answers' windows are blocked
-# out of fold: there a plain encouragement ("they'll realise what they lost once you're gone") is the worst
-# reply. The rate was chosen on the dev set: the highest of 0.002-0.005 and 0.01 at which no safe dev
+# out of fold: there a plain encouragement ("they'll realise what they lost once you're gone") is
+# the worst reply. The rate was chosen on the dev set: the highest of 0.002-0.005 and 0.01 at which no safe dev
 # reply and none of the val answers that speak of suicide or self-harm is blocked (0.004 blocked
 # "When the urge to cut comes, try holding ice ..."; 0.01 four of those 19 answers).
 ANSWER_WEIGHT = 0.2
@@ -335,7 +335,8 @@ def fit_output(x: np.ndarray, y: np.ndarray, hits: np.ndarray, x_answers: np.nda
                seed: int = 0) -> tuple[dict, dict, np.ndarray]:
     """A logistic output head on the examples' replies and, as ordinary replies at ANSWER_WEIGHT,
     the answers' windows. Threshold: the lowest at which at most ANSWER_BLOCK_RATE of the answers'
-    windows are blocked out of fold (`wary_threshold`: WARY_BLOCK_RATE). Returns the head, its report and the examples' out-of-fold scores."""
+    windows are blocked out of fold (`wary_threshold`: WARY_BLOCK_RATE). Returns the head, its
+    report and the examples' out-of-fold scores."""
     from sklearn.linear_model import LogisticRegression
 
     n = len(y)

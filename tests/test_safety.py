@@ -452,7 +452,7 @@ def spy_on_checks(guard):
     """A guard like `guard` that records every text its stream wrapper checks."""
     checked = []
     spy = Guard(guard.config, guard.lexicon, guard.classifier)
-    spy.check_output = lambda text: checked.append(text) or guard.check_output(text)
+    spy.check_output = lambda text, conversation=None: checked.append(text) or guard.check_output(text, conversation)
     return spy, checked
 
 
