@@ -1164,6 +1164,7 @@ def test_fit_makes_a_post_head_from_posts_of_twenty_words_or_more(tmp_path):
     from safety.classifier import JOINT_OUTPUT
 
     assert heads["cv"]["output"]["answer_windows"] == 5 and "gate" in heads["heads"]["output"]
+    assert heads["heads"]["output"]["wary_threshold"] <= heads["heads"]["output"]["threshold"]  # round 23
     assert len(heads["heads"][JOINT_OUTPUT]["coef"]) == 2 * 384
 
 
