@@ -180,11 +180,12 @@ def counsel_answers(guard: Guard, root: Path, split: str = "test") -> dict:
     """counsel-chat's therapists' answers of a split, streamed through the output check: how many
     are replaced by the crisis response, overall and among those that speak of suicide or self-harm."""
     texts = answers(root, split)
-    out = {"split": split, "n_answers": len(texts)}
+    risk_words = [bool(_RISK_WORDS.search(t)) for t in texts]
+    out = {"split": split, "n_answers": len(texts), "n_risk_words": sum(risk_words)}
     for marked, suffix in ((False, ""), (True, "_marked")):
         flags = [_replaced(guard, t, marked) for t in texts]
-        risky = [f for t, f in zip(texts, flags) if _RISK_WORDS.search(t)]
-        out.update({f"replaced{suffix}": _rate(flags), "n_risk_words": len(risky), f"risk_words_replaced{suffix}": _rate(risky)})
+        out[f"replaced{suffix}"] = _rate(flags)
+        out[f"risk_words_replaced{suffix}"] = _rate([f for f, r in zip(flags, risk_words) if r])
     return out
 
 

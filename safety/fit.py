@@ -90,9 +90,9 @@ DISTRESS_FILE = Path(__file__).parent / "data" / "distress.yaml"
 # Round 23: in a marked conversation (risk has shown) each output head reads at its
 # `wary_threshold`, the lowest at which at most WARY_BLOCK_RATE of the answers' windows are blocked
 # out of fold: there a plain encouragement ("they'll realise what they lost once you're gone") is
-# the worst reply. The rate was chosen on the dev set: the highest of 0.002-0.005 and 0.01 at which no safe dev
-# reply and none of the val answers that speak of suicide or self-harm is blocked (0.004 blocked
-# "When the urge to cut comes, try holding ice ..."; 0.01 four of those 19 answers).
+# the worst reply. The rate was chosen on the dev set: the highest of 0.002-0.005 and 0.01 at which
+# no safe dev reply and none of the val answers that speak of suicide or self-harm is blocked (0.004
+# blocked "When the urge to cut comes, try holding ice ..."; 0.01 four of those 19 answers).
 ANSWER_WEIGHT = 0.2
 ANSWER_BLOCK_RATE = 0.001
 WARY_BLOCK_RATE = 0.003
