@@ -172,7 +172,7 @@ class Guard:
         return verdict
 
     def _output(self, text: str, wary: bool = False) -> Verdict:
-        hits = [h for h in self.lexicon.match(text, "output") if h.severity == "high"]
+        hits = [h for h in self.lexicon.match(text, "output", wary=wary) if h.severity == "high"]
         output_score = getattr(self.classifier, "output_score", None)  # a classifier without it: as it is
         score, head = output_score(text) if output_score else (self.classifier.score(text, "output"), "output")
         # a marked conversation: the head's bar for it, where it has one (round 23)

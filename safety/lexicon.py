@@ -24,6 +24,7 @@ class Entry:
     negatable: bool
     pattern: re.Pattern
     lang: str = "en"
+    wary: bool = False  # read only in a marked conversation (output entries, round 24)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class Lexicon:
                     raise ValueError(f"{path}: entry {raw['id']}: severity must be one of {SEVERITIES}")
                 entries.append(
                     Entry(raw["id"], raw["category"], raw["severity"], bool(raw.get("negatable")),
-                          re.compile(raw["pattern"]), raw.get("lang", "en"))
+                          re.compile(raw["pattern"]), raw.get("lang", "en"), bool(raw.get("wary")))
                 )
             self.entries[stage] = entries
 
@@ -115,13 +116,14 @@ class Lexicon:
         """A recovery statement, and no word of relapse anywhere in the text."""
         return bool(self.recovery.search(text)) and not self.relapse.search(text)
 
-    def match(self, text: str, stage: str = "input", negated: bool = False) -> list[Hit]:
-        """Hits in text; with negated=True, negated hits (flagged) are returned too."""
+    def match(self, text: str, stage: str = "input", negated: bool = False, wary: bool = False) -> list[Hit]:
+        """Hits in text; with negated=True, negated hits (flagged) are returned too. Entries marked
+        `wary` are read only with wary=True (a conversation that has shown risk)."""
         hits: dict[str, Hit] = {}
         negated_hits: dict[str, Hit] = {}
         for form in variants(text):
             for entry in self.entries[stage]:
-                if entry.id in hits:
+                if entry.id in hits or (entry.wary and not wary):
                     continue
                 for m in entry.pattern.finditer(form):
                     if self._idiom(form, m.start(), m.end()):
