@@ -62,6 +62,8 @@ class Lexicon:
             for raw in data[stage]:
                 if raw["severity"] not in SEVERITIES:
                     raise ValueError(f"{path}: entry {raw['id']}: severity must be one of {SEVERITIES}")
+                if raw.get("wary") and stage != "output":  # a marked conversation lowers the input bar instead
+                    raise ValueError(f"{path}: entry {raw['id']}: only output entries can be wary")
                 entries.append(
                     Entry(raw["id"], raw["category"], raw["severity"], bool(raw.get("negatable")),
                           re.compile(raw["pattern"]), raw.get("lang", "en"), bool(raw.get("wary")))

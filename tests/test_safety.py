@@ -635,6 +635,17 @@ def test_agreement_is_read_as_encouragement_once_risk_has_shown(guard, reply, en
     assert events[-1].replace == guard.crisis_response("US") and not "".join(e.text for e in events)
 
 
+def test_a_lexicon_file_with_a_wary_input_entry_is_refused(tmp_path):
+    from safety.lexicon import LEXICON_FILE, Lexicon
+
+    data = yaml.safe_load(LEXICON_FILE.read_text(encoding="utf-8"))
+    data["input"][0]["wary"] = True
+    path = tmp_path / "lexicon.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ValueError, match="only output entries can be wary"):
+        Lexicon(path)
+
+
 @pytest.mark.parametrize("reply", MARKED_SUPPORTIVE)
 def test_supportive_replies_with_the_same_words_pass_once_marked(guard, reply):
     from safety.guard import word_deltas
