@@ -269,25 +269,30 @@ def test_real_model_replies_are_unchanged(default_model_dir, monkeypatch):
         monkeypatch.delenv("CHATBOT_DECODER")
         assert len(lean) > 40
         if reference != lean:  # allowed only where rounding can break a tie
-            _assert_parted_at_a_near_tie(engine, messages, adapter, lean, reference)
+            _assert_parted_at_a_near_tie(engine, messages, adapter, lean, reference, gen.repetition_penalty)
 
 
-def _assert_parted_at_a_near_tie(engine, messages, adapter, a: str, b: str, margin: float = 0.5):
+def _assert_parted_at_a_near_tie(engine, messages, adapter, a: str, b: str, penalty: float, margin: float = 0.5):
     """Two greedy replies of the same model may part only where the tokens each chose score within
-    `margin` of the model's best next token: there the order of float sums decides, and the lean
-    loop (the system prompt's kept keys, a static cache) sums in another order than `generate`.
-    On the AVX2 machines of this project the default model's replies were identical; on an AVX-512
-    one, with the shipped adapter, they parted after 34 tokens where five candidates scored within
-    0.3 of each other (20.25-20.53). A lean loop that read the wrong positions or cache would part
-    early, at a clear winner."""
+    `margin` of the best next token, after the repetition penalty both loops apply: there the order
+    of float sums decides, and the lean loop (the system prompt's kept keys, a static cache) sums in
+    another order than `generate`. On the AVX2 machines of this project the default model's replies
+    were identical; on an AVX-512 EPYC, with the shipped adapter, they parted after 34 tokens where
+    five candidates scored within 0.3 of each other (20.25-20.53); on an Intel Xeon with AMX after
+    16, at " the" 24.10 against " trying" 24.04 once " the" had been penalised (26.51 before: read
+    without the penalty, that tie looked like a clear winner). A lean loop that read the wrong
+    positions or cache would part early, at a clear winner."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
     tok = engine.tokenizer
     ta, tb = tok.encode(a, add_special_tokens=False), tok.encode(b, add_special_tokens=False)
     k = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), None)
     assert k is not None, (a, b)  # one reply stops where the other goes on: not a tie
-    assert k >= 20, (a, b)  # the loops agree for a long start
+    assert k >= 10, (a, b)  # the loops agree for a long start
     ids, _ = engine.prepare(messages)
     with engine.lock, engine.use_adapter(adapter), torch.no_grad():
-        logits = engine.model(torch.tensor([ids + ta[:k]])).logits[0, -1].float()
+        logits = engine.model(torch.tensor([ids + ta[:k]])).logits[0, -1:].float()
+    logits = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([ids + ta[:k]]), logits)[0]
     best = float(logits.max())
     for chosen in (ta[k], tb[k]):
         assert best - float(logits[chosen]) < margin, (tok.decode([chosen]), best, float(logits[chosen]))
@@ -327,7 +332,7 @@ def test_logits_are_the_models_own(default_model_dir, tokenizer, repeat):
     engine = ChatEngine(model, tok)
     name = engine.adapters[1]
     ids = torch.tensor([tok("I can't stop worrying about what people think of me at work." * repeat)["input_ids"]])
-    results = {}
+    results, references = {}, {}
     for label, context, rows in (("base", lambda: engine.use_adapter(BASE), 1), ("adapter", lambda: engine.use_adapter(name), 1),
                                  ("pair", lambda: engine.pair_context((BASE, name)), 2)):
         with context():
@@ -336,6 +341,11 @@ def test_logits_are_the_models_own(default_model_dir, tokenizer, repeat):
             assert all(torch.equal(a[0], b[0]) and _bf16_ulps(a[1], b[1]) <= 4 for a, b in zip(reference, lean))
         else:
             assert all(torch.equal(a, b) for a, b in zip(reference, lean)), label
-        results[label] = lean[1]
-    assert torch.equal(results["pair"][0], results["base"][0])
+        results[label], references[label] = lean[1], reference[1]
+    # the pair's base row is the base model's: bit for bit on the AMD EPYC machines; on an Intel
+    # Xeon with AMX, a prompt of 32 tokens or more (the float path) sums in another order for two
+    # rows than for one, in the model's own forward as much as in the lean loop (1.5 bfloat16
+    # steps at most there, the same in both)
+    parted = _bf16_ulps(results["pair"][0], results["base"][0])
+    assert parted == 0 or (parted <= 4 and _bf16_ulps(references["pair"][0], references["base"][0]) > 0)
     assert _bf16_ulps(results["pair"][1], results["pair"][0]) > 40  # the adapter's own effect
