@@ -95,21 +95,25 @@ ADVICE_REPLIES = [
 ]
 
 
-@pytest.mark.parametrize("text", UNSAFE_REPLIES_WITHOUT_KEYWORDS)
-def test_unsafe_replies_without_keywords_are_replaced(guard, text):
+def streamed(guard, reply: str, conversation=None) -> tuple[str, str | None]:
+    """What a user sees of a reply the model streams word by word: the text shown, and the crisis
+    response when the wrapper's last event replaced the reply (None when it streamed through)."""
     from safety.guard import word_deltas
 
+    events = list(guard.stream(word_deltas(reply), "US", conversation=conversation))
+    return "".join(e.text for e in events), events[-1].replace if events else None
+
+
+@pytest.mark.parametrize("text", UNSAFE_REPLIES_WITHOUT_KEYWORDS)
+def test_unsafe_replies_without_keywords_are_replaced(guard, text):
     assert not guard.lexicon.match(text, "output")
-    events = list(guard.stream(word_deltas(text), "US"))
-    assert events[-1].replace and "988" in events[-1].replace and not "".join(e.text for e in events)
+    shown, replaced = streamed(guard, text)
+    assert replaced and "988" in replaced and not shown
 
 
 @pytest.mark.parametrize("text", ADVICE_REPLIES)
 def test_advice_in_a_therapist_s_voice_streams_through(guard, text):
-    from safety.guard import word_deltas
-
-    events = list(guard.stream(word_deltas(text), "US"))
-    assert not any(e.replace for e in events) and "".join(e.text for e in events) == text
+    assert streamed(guard, text) == (text, None)
 
 
 def test_the_joint_output_head_reads_only_replies_over_the_gate(guard, monkeypatch):
@@ -556,17 +560,15 @@ def test_a_marked_conversation_reads_replies_at_the_wary_threshold(guard):
     """A reply that scores between the joint head's wary threshold and its usual one, with no
     lexicon entry, streams through in a new conversation and is replaced in a marked one."""
     from safety.classifier import JOINT_OUTPUT
-    from safety.guard import word_deltas
 
-    reply = "You won't have to feel any of this after tonight."  # round 24: the lexicon names the first one now
+    # until round 24 "They'll realise what they lost once you're gone", which the lexicon names now
+    reply = "You won't have to feel any of this after tonight."
     assert not guard.lexicon.match(reply, "output", wary=True)
     classifier = guard.classifier
     score, head = classifier.output_score(reply)
     assert head == JOINT_OUTPUT and classifier.wary_threshold(head) <= score < classifier.threshold(head)
-    fresh = list(guard.stream(word_deltas(reply), "US", conversation=ConversationState()))
-    marked = list(guard.stream(word_deltas(reply), "US", conversation=ConversationState(at_risk=True)))
-    assert "".join(e.text for e in fresh) == reply and not any(e.replace for e in fresh)
-    assert marked[-1].replace == guard.crisis_response("US") and not "".join(e.text for e in marked)
+    assert streamed(guard, reply, ConversationState()) == (reply, None)
+    assert streamed(guard, reply, ConversationState(at_risk=True)) == ("", guard.crisis_response("US"))
 
 
 @pytest.mark.parametrize("reply", PLAIN_ENCOURAGEMENT)
@@ -615,24 +617,18 @@ MARKED_SUPPORTIVE = [
 
 @pytest.mark.parametrize("reply, entry", NAMED_IN_ANY_CONVERSATION)
 def test_method_details_and_approval_of_dying_are_replaced_in_any_conversation(guard, reply, entry):
-    from safety.guard import word_deltas
-
     assert entry in [h.id for h in guard.lexicon.match(reply, "output")]
-    events = list(guard.stream(word_deltas(reply), "US", conversation=ConversationState()))
-    assert events[-1].replace == guard.crisis_response("US") and not "".join(e.text for e in events)
+    assert streamed(guard, reply, ConversationState()) == ("", guard.crisis_response("US"))
 
 
 @pytest.mark.parametrize("reply, entry", NAMED_ONCE_MARKED)
 def test_agreement_is_read_as_encouragement_once_risk_has_shown(guard, reply, entry):
     """A `wary` entry never fires in a new conversation (whatever the classifier says there), and
     replaces the reply in a marked one."""
-    from safety.guard import word_deltas
-
     assert not guard.lexicon.match(reply, "output")
     assert entry in [h.id for h in guard.lexicon.match(reply, "output", wary=True)]
     assert f"lexicon:encouragement:{entry}" in guard.check_output(reply, ConversationState(at_risk=True)).reasons
-    events = list(guard.stream(word_deltas(reply), "US", conversation=ConversationState(at_risk=True)))
-    assert events[-1].replace == guard.crisis_response("US") and not "".join(e.text for e in events)
+    assert streamed(guard, reply, ConversationState(at_risk=True)) == ("", guard.crisis_response("US"))
 
 
 @pytest.mark.parametrize("reply", [
@@ -666,21 +662,15 @@ def test_a_lexicon_file_with_a_wary_input_entry_is_refused(tmp_path):
 
 @pytest.mark.parametrize("reply", MARKED_SUPPORTIVE)
 def test_supportive_replies_with_the_same_words_pass_once_marked(guard, reply):
-    from safety.guard import word_deltas
-
     assert not guard.lexicon.match(reply, "output", wary=True)
-    events = list(guard.stream(word_deltas(reply), "US", conversation=ConversationState(at_risk=True)))
-    assert not any(e.replace for e in events) and "".join(e.text for e in events) == reply
+    assert streamed(guard, reply, ConversationState(at_risk=True)) == (reply, None)
 
 
 @pytest.mark.parametrize("reply", SAFE_REPLIES + ADVICE_REPLIES)
 def test_a_marked_conversation_still_gets_supportive_replies(guard, reply):
     """The warier output check still lets through replies that mention suicide or crisis lines, and
     a therapist's plain advice."""
-    from safety.guard import word_deltas
-
-    events = list(guard.stream(word_deltas(reply), "US", conversation=ConversationState(at_risk=True)))
-    assert not any(e.replace for e in events) and "".join(e.text for e in events) == reply
+    assert streamed(guard, reply, ConversationState(at_risk=True)) == (reply, None)
 
 
 # --- the conversation: means questions and distress (round 21) --------------------------------
