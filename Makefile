@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast bench load eval-safety browser-deps clean
+.PHONY: install run test test-fast bench load eval-safety eval-replies browser-deps clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=python3.x"; exit 1; }
@@ -42,6 +42,10 @@ load: install
 
 eval-safety: install
 	$(PY) -m safety evaluate --json bench/results/safety_eval.json
+
+# the shipped model's own replies to the test set's safe messages, through the output check
+eval-replies: install
+	$(PY) -m chatbot.own_replies --set test --json bench/results/own_replies_test.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -38,7 +38,8 @@ from pathlib import Path
 
 def machine() -> str:
     """The CPU, its vector instructions (machines of one name differ: AVX2 alone, or AVX-512 with
-    VNNI and BF16, which change kernels and their speed), cores, OS and Python."""
+    VNNI and BF16, with or without AMX tiles, which change kernels and their speed), cores, OS and
+    Python."""
     cpu, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -49,8 +50,10 @@ def machine() -> str:
     except OSError:
         pass
     if "avx512f" in flags:
-        extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16")) if flag in flags]
-        cpu += " (AVX-512" + (" with " + " and ".join(extras) if extras else "") + ")"
+        extras = [name for flag, name in (("avx512_vnni", "VNNI"), ("avx512_bf16", "BF16"), ("amx_tile", "AMX"))
+                  if flag in flags]
+        named = ", ".join(extras[:-1]) + " and " + extras[-1] if len(extras) > 1 else "".join(extras)
+        cpu += " (AVX-512" + (" with " + named if extras else "") + ")"
     elif "avx2" in flags:
         cpu += " (AVX2, no AVX-512)"
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
@@ -91,19 +94,23 @@ def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     return a.nbytes / best / 1e9
 
 
-def _engine_speed(engine, messages, tokens: int) -> tuple[float, float]:
-    """(tokens/s, time to first token) for the app's streaming engine, exactly `tokens` tokens."""
+def _engine_speed(engine, messages, tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """(tokens/s, time to first token) for the app's streaming engine, exactly `tokens` tokens;
+    medians of `repeats` replies (one reply alone moved by a third between runs)."""
     from chatbot.config import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=tokens, temperature=0, repetition_penalty=1.0)
     engine.model.generation_config.min_new_tokens = tokens
     list(engine.stream(messages, dataclasses.replace(gen, max_new_tokens=4)))  # warm-up: the same search
-    t, first = time.perf_counter(), None
-    for _ in engine.stream(messages, gen):
-        first = first or time.perf_counter() - t
-    total = time.perf_counter() - t
+    totals, firsts = [], []
+    for _ in range(repeats):
+        t, first = time.perf_counter(), None
+        for _ in engine.stream(messages, gen):
+            first = first or time.perf_counter() - t
+        totals.append(time.perf_counter() - t)
+        firsts.append(first)
     engine.model.generation_config.min_new_tokens = None
-    return tokens / total, first
+    return tokens / statistics.median(totals), statistics.median(firsts)
 
 
 def _cold_first_token(engine, messages) -> float:
@@ -370,9 +377,12 @@ def bench_decoding(tokens: int) -> dict:
     common = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.inference_mode():
         fp32.generate(input_ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)  # warm-up
-        t = time.perf_counter()
-        fp32.generate(input_ids, attention_mask=torch.ones_like(input_ids), **common)
-        baseline = time.perf_counter() - t
+        times = []
+        for _ in range(3):  # the median of three, as for the engines (_engine_speed)
+            t = time.perf_counter()
+            fp32.generate(input_ids, attention_mask=torch.ones_like(input_ids), **common)
+            times.append(time.perf_counter() - t)
+        baseline = statistics.median(times)
         baseline_rate = decode_rate(lambda s: fp32.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                                                             streamer=s, **common))
     speed, first = _engine_speed(engine, messages, tokens)
