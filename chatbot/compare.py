@@ -122,7 +122,7 @@ def compare(service, message, region: str | None = None, adapter: str | None = N
     or 'error'. A crisis message yields the crisis response once, with crisis=True and no replies.
     """
     from .prompts import build_messages
-    from .service import EMPTY_REPLY, ERROR_NOTICE, NO_REPLY, clean_message
+    from .service import EMPTY_REPLY, ERROR_NOTICE, NO_REPLY, clean_message, number_note
 
     full = clean_message(message)
     if not full:
@@ -149,6 +149,8 @@ def compare(service, message, region: str | None = None, adapter: str | None = N
         if event is None:  # this row is finished
             status[row] = PASSED if status[row] == "streaming" else status[row]
             texts[row] = texts[row] if texts[row].strip() else NO_REPLY
+            if status[row] == PASSED:
+                texts[row] += number_note(service.guard, texts[row], region)
         elif event.replace is not None:
             texts[row], status[row] = event.replace, WITHHELD
         else:

@@ -9,7 +9,8 @@ without risk (val for dev, test for test; from ../shared/data). Each message is 
 as in the app; one the input check stops is counted, not answered. Each reply is sampled at the
 app's settings with the message's index as seed, and its deltas, as the engine streamed them, go
 through the stream wrapper twice: in a new conversation, and in one where risk has shown
-(marked). `--show` prints each replaced reply (dev set only: the test set is for the record).
+(marked). A reply shown whole that gives a crisis line's number the hotline directory does not
+hold is counted too: the chat shows the checked lines beneath it (safety/numbers.py). `--show` prints each replaced reply (dev set only: the test set is for the record).
 Replies are not written anywhere else.
 """
 
@@ -56,7 +57,8 @@ def screen(service, text: str, seed: int, gen: GenerationConfig) -> dict:
         return {"stopped_at_input": True}
     adapter = service.default_adapter() or BASE
     deltas = list(service.engine.stream(build_messages([], text), dataclasses.replace(gen, seed=seed), adapter=adapter))
-    out = {"stopped_at_input": False, "chars": len("".join(deltas)), "reply": "".join(deltas)}
+    out = {"stopped_at_input": False, "chars": len("".join(deltas)), "reply": "".join(deltas),
+           "unverified_numbers": bool(getattr(service.guard, "unverified_numbers", lambda _: [])("".join(deltas)))}
     for key, marked in (("new", False), ("marked", True)):
         shown, replaced = "", None
         for event in service.guard.stream(iter(deltas), conversation=ConversationState(at_risk=marked)):
@@ -86,21 +88,24 @@ def run(service, groups: dict[str, list[str]], gen: GenerationConfig, limit: int
         rows.append({"category": category, "n": len(results), "stopped_at_input": len(results) - len(answered),
                      "answered": len(answered), "replaced": sum(r["new"]["replaced"] for r in answered),
                      "replaced_marked": sum(r["marked"]["replaced"] for r in answered),
+                     "number_note": sum(r["unverified_numbers"] and not r["new"]["replaced"] for r in answered),
                      "mean_chars": sum(r["chars"] for r in answered) / max(len(answered), 1)})
-    total = {k: sum(r[k] for r in rows) for k in ("n", "stopped_at_input", "answered", "replaced", "replaced_marked")}
+    total = {k: sum(r[k] for r in rows) for k in ("n", "stopped_at_input", "answered", "replaced", "replaced_marked",
+                                                  "number_note")}
     return {"categories": rows, "total": total, "seconds": time.perf_counter() - started}
 
 
 def report(result: dict, title: str) -> str:
-    lines = [title, "| category | messages | stopped at input | answered | replaced (new) | replaced (marked) | mean reply chars |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [title, "| category | messages | stopped at input | answered | replaced (new) | replaced (marked) "
+                    "| shown with the number note | mean reply chars |", "|---|---|---|---|---|---|---|---|"]
     for r in result["categories"]:
         lines.append(f"| {r['category']} | {r['n']} | {r['stopped_at_input']} | {r['answered']} | {r['replaced']} | "
-                     f"{r['replaced_marked']} | {r['mean_chars']:.0f} |")
+                     f"{r['replaced_marked']} | {r['number_note']} | {r['mean_chars']:.0f} |")
     t = result["total"]
     lines.append(f"\nreplies replaced by the crisis response: {t['replaced']} of {t['answered']} in a new conversation, "
                  f"{t['replaced_marked']} of {t['answered']} in a marked one ({t['stopped_at_input']} of {t['n']} "
-                 f"messages stopped at input; {result['seconds']:.0f} s)")
+                 f"messages stopped at input; {result['seconds']:.0f} s); shown with the note on an unchecked "
+                 f"crisis-line number (new conversation): {t['number_note']}")
     return "\n".join(lines)
 
 

@@ -27,6 +27,8 @@ TRIMMED_NOTICE = "*(Your message was long, so I read the first {n:,} characters.
 ERROR_NOTICE = ("*Sorry, something went wrong while I was writing that reply. Your conversation is "
                 "kept; please try sending your message again.*")
 NO_REPLY = "I'm here and listening. Could you tell me a little more?"
+UNVERIFIED_NOTE = ("*The reply above gives a phone number for a crisis line that this app could not check: an AI "
+                   "can get numbers wrong. Checked crisis lines:* ")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -39,6 +41,14 @@ def clean_message(message) -> str:
     message = message.encode("utf-8", "replace").decode("utf-8")
     message = _CONTROL.sub(" ", unicodedata.normalize("NFC", message))
     return message.strip()
+
+
+def number_note(guard, reply: str, region: str | None) -> str:
+    """A footer with the checked crisis lines when a reply gives a crisis line's number that the
+    hotline directory does not hold (safety/numbers.py), else ""."""
+    if getattr(guard, "unverified_numbers", lambda _: [])(reply):
+        return "\n\n---\n" + UNVERIFIED_NOTE + guard.resources_line(region)
+    return ""
 
 
 class ChatService:
@@ -120,8 +130,8 @@ class ChatService:
             return
         if not reply.strip():
             reply = "" if stop is not None and stop.is_set() else NO_REPLY
-        footer = ""
-        if conversation is not None and getattr(conversation, "at_risk", False):
+        footer = number_note(self.guard, reply, region)
+        if not footer and conversation is not None and getattr(conversation, "at_risk", False):
             footer = "\n\n---\n" + self.guard.resources_line(region)
         yield notice + reply + footer
 

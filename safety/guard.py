@@ -23,6 +23,7 @@ from . import multilingual
 from .classifier import EmbeddingClassifier, default_classifier
 from .lexicon import Lexicon, default_lexicon
 from .normalize import normalize
+from .numbers import unverified_numbers
 from .responses import crisis_response, resources_line
 
 log = logging.getLogger(__name__)
@@ -213,6 +214,15 @@ class Guard:
 
     def resources_line(self, region: str | None = None) -> str:
         return resources_line(region or self.config.region)
+
+    def unverified_numbers(self, text: str) -> list[str]:
+        """Numbers a reply gives beside a crisis-line word that the hotline directory does not hold
+        (safety/numbers.py). On an error, a placeholder: the app then shows the verified resources."""
+        try:
+            return unverified_numbers(text)
+        except Exception as exc:  # noqa: BLE001 - more resources, never fewer
+            log.error("number check failed: %s", type(exc).__name__)  # no text in logs
+            return ["?"]
 
     # --- streaming --------------------------------------------------------------------
     def stream(self, deltas: Iterator[str], region: str | None = None, min_chars: int = MIN_CHECK_CHARS,

@@ -543,6 +543,80 @@ def test_marked_conversation_keeps_resources_visible(guard):
     assert len(spy.calls) == 1 and "How are you feeling now?" in later and "988" in later
 
 
+
+# --- crisis-line numbers the model writes (safety/numbers.py) ------------------------------
+def test_invented_crisis_line_numbers_are_found_and_real_ones_are_not():
+    from safety.numbers import unverified_numbers
+
+    invented = "Here's the National Suicide Prevention Lifeline: 1800 625 9436. They are open all day."
+    assert unverified_numbers(invented) == ["1800 625 9436"]
+    assert unverified_numbers("The Texas Crisis Hotline 800-989-6884 can help.") == ["800-989-6884"]  # real, not listed
+    for text in ("If you're thinking about suicide, call or text 988, or text HOME to 741741.",
+                 "Samaritans answer on +44 116 123, day or night.",  # a known number behind a country code
+                 "In 2022 the Lifeline moved to 988.",  # a year
+                 "There is a helpline chat for teens aged 12-19 too.",  # a range
+                 "I walked 10000 steps and phoned my sister at 0161 496 0000.",  # no crisis line named
+                 "The crisis line is free. " + "Take your time with this. " * 6 + "Room 1234 is on the left."):  # far away
+        assert unverified_numbers(text) == [], text
+
+
+def test_every_crisis_response_gives_only_directory_numbers(guard):
+    """The app's own crisis responses and resource lines, for every region, never set off the note."""
+    from safety.hotlines import directory
+    from safety.numbers import unverified_numbers
+
+    for _, code in directory().choices():
+        for text in (guard.crisis_response(code), guard.resources_line(code)):
+            assert unverified_numbers(text) == [], (code, text)
+
+
+def test_a_reply_with_an_invented_number_shows_the_checked_lines_beneath_it(guard):
+    """The reply is shown (a real line the directory lacks is no reason to hide a reply), and the
+    region's checked crisis lines follow it, with a note."""
+    from chatbot.service import UNVERIFIED_NOTE, ChatService
+
+    invented = ("I am sorry for your loss. Here is some information about hotlines: ", "1800 625 9436 (The National ",
+                "Suicide Prevention Lifeline) helps families prepare for emergencies.")  # as the shipped model wrote
+    reply = ChatService(SpyEngine(invented), guard).reply("rough week at work", conversation=ConversationState(), region="GB")
+    assert reply.startswith("".join(invented)) and UNVERIFIED_NOTE in reply and "116 123" in reply.split(UNVERIFIED_NOTE)[1]
+    plain = ("It sounds heavy. ", "If it ever gets too much, Samaritans are on 116 123.")
+    reply = ChatService(SpyEngine(plain), guard).reply("rough week at work", conversation=ConversationState(), region="GB")
+    assert reply == "".join(plain)
+
+
+def test_compare_shows_the_note_under_the_row_with_an_invented_number(guard, monkeypatch):
+    import itertools
+
+    from chatbot import compare as view
+    from chatbot.service import UNVERIFIED_NOTE, ChatService
+
+    rows = ["Exams are hard. A short walk and an early night can help.",
+            "I am sorry for your loss. Here is some information about hotlines: 1800 625 9436 (The National "
+            "Suicide Prevention Lifeline) helps families prepare for emergencies."]
+
+    def fake_pair(engine, messages, gen, stop, adapters):  # the two rows, word by word, interleaved
+        words = [[(row, w + " ") for w in text.split(" ")] for row, text in enumerate(rows)]
+        for pair in itertools.zip_longest(*words):
+            yield from (p for p in pair if p)
+
+    class Engine:
+        adapters = ["base", "calm"]
+
+    monkeypatch.setattr(view, "stream_pair", fake_pair)
+    final = list(view.compare(ChatService(Engine(), guard), "rough week", region="GB"))[-1]
+    assert final["status"] == ["passed", "passed"]
+    assert UNVERIFIED_NOTE not in final["base"] and final["base"].startswith(rows[0])
+    assert final["finetuned"].startswith(rows[1]) and "116 123" in final["finetuned"].split(UNVERIFIED_NOTE)[1]
+
+def test_a_failing_number_check_shows_the_resources():
+    from safety.guard import Guard
+
+    class Broken(Guard):
+        def __init__(self):
+            pass
+
+    assert Guard.unverified_numbers(Broken(), None) == ["?"]  # a non-string: the check raises inside
+
 # Round 23: replies that agree with a wish to die, in plain words, written for this test before the
 # refitted heads scored them. Once risk has shown, the output check reads at each head's
 # `wary_threshold`. As it turned out, the last two are replaced in a new conversation too (0.98 and
