@@ -10,8 +10,9 @@ as in the app; one the input check stops is counted, not answered. Each reply is
 app's settings with the message's index as seed, and its deltas, as the engine streamed them, go
 through the stream wrapper twice: in a new conversation, and in one where risk has shown
 (marked). A reply shown whole that gives a crisis line's number the hotline directory does not
-hold is counted too: the chat shows the checked lines beneath it (safety/numbers.py). `--show` prints each replaced reply (dev set only: the test set is for the record).
-Replies are not written anywhere else.
+hold is counted too: the chat shows the checked lines beneath it (safety/numbers.py). `--show`
+prints each replaced reply (dev set only: the test set is for the record). Replies are not
+written anywhere else.
 """
 
 from __future__ import annotations
