@@ -72,15 +72,23 @@ def test_sets_hold_english_safe_messages_only():
         assert set(groups) == set(safe) - set(ENGLISH_SKIP) and all(groups.values())
 
 
-def test_counsel_questions_join_the_set_with_the_shared_data():
-    from safety.__main__ import DEFAULT_EVAL_DATA
-    from safety.counsel import COUNSEL_FILE, counsel_root, questions
+def test_counsel_questions_join_the_set_once_each_without_risk(tmp_path):
+    """counsel-chat's questions of the set's split join it, each once (the file has a row per
+    answer), the text or else the title; those in counsel_risk.yaml stay out."""
+    import yaml
 
-    if not (counsel_root(DEFAULT_EVAL_DATA) / COUNSEL_FILE).is_file():
-        pytest.skip("counsel-chat is not beside the project")
-    groups = messages_of("test", DEFAULT_EVAL_DATA)
-    expected = [q for q in questions(counsel_root(DEFAULT_EVAL_DATA), "test") if not q["risk"]]
-    assert len(groups["counsel_test"]) == len(expected) > 20 and all(groups["counsel_test"])
+    from safety.counsel import RISK_FILE
+    from tests.test_safety import _write_counsel_chat
+
+    risky = yaml.safe_load(RISK_FILE.read_text(encoding="utf-8"))["test"][0]
+    _write_counsel_chat(tmp_path, [(9001, "Exams", "I can't focus before exams.", "test"),
+                                   (9001, "Exams", "I can't focus before exams.", "test", "another answer"),
+                                   (9002, "Moving out", "", "test"),
+                                   (risky, "Risk", "a question that discloses risk", "test"),
+                                   (9003, "Val", "a val question", "val")])
+    groups = messages_of("test", tmp_path / "eval")  # the public sets' folder, beside counsel-chat
+    assert groups["counsel_test"] == ["I can't focus before exams.", "Moving out"]
+    assert "counsel_val" not in groups and "counsel_test" not in messages_of("test", None)
 
 
 def test_replies_of_the_test_set_are_never_printed():
