@@ -29,6 +29,7 @@ import yaml
 from .config import DEFAULT_ADAPTER, GenerationConfig, ModelConfig
 from .generation import BASE
 from .prompts import build_messages
+from .service import ChatService, number_note
 
 SAFETY_DATA = Path(__file__).resolve().parent.parent / "safety" / "data"
 SETS = {"dev": (SAFETY_DATA / "devset.yaml", "val"), "test": (SAFETY_DATA / "testset.yaml", "test")}
@@ -58,8 +59,9 @@ def screen(service, text: str, seed: int, gen: GenerationConfig) -> dict:
         return {"stopped_at_input": True}
     adapter = service.default_adapter() or BASE
     deltas = list(service.engine.stream(build_messages([], text), dataclasses.replace(gen, seed=seed), adapter=adapter))
-    out = {"stopped_at_input": False, "chars": len("".join(deltas)), "reply": "".join(deltas),
-           "unverified_numbers": bool(getattr(service.guard, "unverified_numbers", lambda _: [])("".join(deltas)))}
+    reply = "".join(deltas)
+    out = {"stopped_at_input": False, "chars": len(reply), "reply": reply,
+           "unverified_numbers": bool(number_note(service.guard, reply, None))}  # the note the chat shows
     for key, marked in (("new", False), ("marked", True)):
         shown, replaced = "", None
         for event in service.guard.stream(iter(deltas), conversation=ConversationState(at_risk=marked)):
@@ -116,7 +118,6 @@ def build_service(adapter: str | None):
 
     from .generation import ChatEngine
     from .loading import load_model, load_onnx
-    from .service import ChatService
 
     cfg = ModelConfig(adapter=adapter)
     model, tokenizer = load_model(cfg)

@@ -43,9 +43,12 @@ def known_numbers(book: Directory) -> frozenset[str]:
 def unverified_numbers(text: str, book: Directory | None = None) -> list[str]:
     """Numbers written near a crisis-line word that the directory does not hold, in order, once each.
     A number with a country code in front of a known one (+44 116 123) counts as known."""
+    lines = list(CRISIS_LINE.finditer(text))
+    if not lines:  # most replies: no crisis line named, nothing to read
+        return []
     known = known_numbers(book or directory())
     found: list[str] = []
-    for line in CRISIS_LINE.finditer(text):
+    for line in lines:
         start = max(0, line.start() - NEAR)
         for m in NUMBER.finditer(text, start, line.end() + NEAR):
             group, digits = m.group().strip(), _digits(m.group())

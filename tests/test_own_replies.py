@@ -52,7 +52,7 @@ def test_counts_what_a_user_would_see(guard):
     assert "belt" not in text and "exams" not in text  # figures only
 
 
-def test_real_model_answers_through_the_app_path(real_model, guard):
+def test_real_model_answers_through_the_chat_service(real_model, guard):
     from chatbot.generation import ChatEngine
 
     model, tok = real_model

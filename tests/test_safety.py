@@ -543,7 +543,6 @@ def test_marked_conversation_keeps_resources_visible(guard):
     assert len(spy.calls) == 1 and "How are you feeling now?" in later and "988" in later
 
 
-
 # --- crisis-line numbers the model writes (safety/numbers.py) ------------------------------
 def test_invented_crisis_line_numbers_are_found_and_real_ones_are_not():
     from safety.numbers import unverified_numbers
@@ -608,14 +607,20 @@ def test_compare_shows_the_note_under_the_row_with_an_invented_number(guard, mon
     assert UNVERIFIED_NOTE not in final["base"] and final["base"].startswith(rows[0])
     assert final["finetuned"].startswith(rows[1]) and "116 123" in final["finetuned"].split(UNVERIFIED_NOTE)[1]
 
-def test_a_failing_number_check_shows_the_resources():
-    from safety.guard import Guard
 
-    class Broken(Guard):
-        def __init__(self):
-            pass
+def test_a_failing_number_check_shows_the_resources(guard, monkeypatch):
+    """More resources, never fewer: a number check that raises counts as an unchecked number."""
+    from chatbot.service import UNVERIFIED_NOTE, ChatService
 
-    assert Guard.unverified_numbers(Broken(), None) == ["?"]  # a non-string: the check raises inside
+    def broken(text):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr("safety.guard.unverified_numbers", broken)
+    assert guard.unverified_numbers("Exams are hard.") == ["?"]
+    plain = ("Exams are hard. ", "A short walk and an early night can help.")
+    reply = ChatService(SpyEngine(plain), guard).reply("rough week at work", conversation=ConversationState(), region="GB")
+    assert reply.startswith("".join(plain)) and "116 123" in reply.split(UNVERIFIED_NOTE)[1]
+
 
 # Round 23: replies that agree with a wish to die, in plain words, written for this test before the
 # refitted heads scored them. Once risk has shown, the output check reads at each head's
