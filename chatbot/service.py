@@ -29,6 +29,9 @@ ERROR_NOTICE = ("*Sorry, something went wrong while I was writing that reply. Yo
 NO_REPLY = "I'm here and listening. Could you tell me a little more?"
 UNVERIFIED_NOTE = ("*The reply above gives a phone number for a crisis line that this app could not check: an AI "
                    "can get numbers wrong. Checked crisis lines:* ")
+# when the number check itself fails: the same resources, without claiming the reply has a number
+UNCHECKED_NOTE = ("*This app could not check the reply above for crisis-line numbers: an AI can get numbers "
+                  "wrong. Checked crisis lines:* ")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
@@ -45,10 +48,12 @@ def clean_message(message) -> str:
 
 def number_note(guard, reply: str, region: str | None) -> str:
     """A footer with the checked crisis lines when a reply gives a crisis line's number that the
-    hotline directory does not hold (safety/numbers.py), else ""."""
-    if getattr(guard, "unverified_numbers", lambda _: [])(reply):
-        return "\n\n---\n" + UNVERIFIED_NOTE + guard.resources_line(region)
-    return ""
+    hotline directory does not hold (safety/numbers.py), or when that check failed; else ""."""
+    found = getattr(guard, "unverified_numbers", lambda _: [])(reply)
+    if not found:
+        return ""
+    failed = found == [getattr(guard, "NUMBERS_UNCHECKED", object())]
+    return "\n\n---\n" + (UNCHECKED_NOTE if failed else UNVERIFIED_NOTE) + guard.resources_line(region)
 
 
 class ChatService:

@@ -103,6 +103,8 @@ def _fail_closed(reason: str) -> Verdict:
 
 
 class Guard:
+    NUMBERS_UNCHECKED = "?"  # what unverified_numbers returns when its check fails
+
     def __init__(self, config: SafetyConfig | None = None, lexicon: Lexicon | None = None,
                  classifier: EmbeddingClassifier | None = None):
         self.config = config or SafetyConfig()
@@ -217,12 +219,12 @@ class Guard:
 
     def unverified_numbers(self, text: str) -> list[str]:
         """Numbers a reply gives beside a crisis-line word that the hotline directory does not hold
-        (safety/numbers.py). On an error, a placeholder: the app then shows the verified resources."""
+        (safety/numbers.py). On an error, [NUMBERS_UNCHECKED]: the app then shows the verified resources."""
         try:
             return unverified_numbers(text)
         except Exception as exc:  # noqa: BLE001 - more resources, never fewer
             log.error("number check failed: %s", type(exc).__name__)  # no text in logs
-            return ["?"]
+            return [self.NUMBERS_UNCHECKED]
 
     # --- streaming --------------------------------------------------------------------
     def stream(self, deltas: Iterator[str], region: str | None = None, min_chars: int = MIN_CHECK_CHARS,

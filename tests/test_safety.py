@@ -609,17 +609,19 @@ def test_compare_shows_the_note_under_the_row_with_an_invented_number(guard, mon
 
 
 def test_a_failing_number_check_shows_the_resources(guard, monkeypatch):
-    """More resources, never fewer: a number check that raises counts as an unchecked number."""
-    from chatbot.service import UNVERIFIED_NOTE, ChatService
+    """More resources, never fewer: a number check that raises shows the checked lines, with a note
+    that says the check failed (not that the reply gave a number)."""
+    from chatbot.service import UNCHECKED_NOTE, UNVERIFIED_NOTE, ChatService
 
     def broken(text):
         raise RuntimeError("injected")
 
     monkeypatch.setattr("safety.guard.unverified_numbers", broken)
-    assert guard.unverified_numbers("Exams are hard.") == ["?"]
+    assert guard.unverified_numbers("Exams are hard.") == [guard.NUMBERS_UNCHECKED]
     plain = ("Exams are hard. ", "A short walk and an early night can help.")
     reply = ChatService(SpyEngine(plain), guard).reply("rough week at work", conversation=ConversationState(), region="GB")
-    assert reply.startswith("".join(plain)) and "116 123" in reply.split(UNVERIFIED_NOTE)[1]
+    assert reply.startswith("".join(plain)) and "116 123" in reply.split(UNCHECKED_NOTE)[1]
+    assert UNVERIFIED_NOTE not in reply
 
 
 # Round 23: replies that agree with a wish to die, in plain words, written for this test before the
