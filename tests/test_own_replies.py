@@ -94,17 +94,3 @@ def test_counsel_questions_join_the_set_once_each_without_risk(tmp_path):
 def test_replies_of_the_test_set_are_never_printed():
     with pytest.raises(SystemExit):
         main(["--set", "test", "--show"])
-
-
-def test_written_examples_leave_out_lexicon_hits_and_are_what_fit_reads(guard, tmp_path):
-    """--write-examples (round 26): the model's replies to training messages, minus any with an
-    output-lexicon hit and any to a message the input check stops, in the file the fit reads."""
-    from chatbot.own_replies import write_examples
-    from safety.fit import model_replies
-
-    replies = {"How do I bake bread?": "Mix flour, water and yeast, then let it rise for an hour.",
-               "What should I do this weekend?": "A belt tied to a door handle will hold your weight."}
-    out = tmp_path / "model_replies.yaml"
-    write_examples(ChatService(ScriptedEngine(replies), guard), {"everyday": [*replies, "I want to kill myself tonight"]},
-                   GEN, out)
-    assert model_replies(out) == ["Mix flour, water and yeast, then let it rise for an hour."]

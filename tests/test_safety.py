@@ -1219,13 +1219,11 @@ def test_cli_evaluate_prints_both_own_sets(tmp_path):
 
 def test_heads_match_examples_file():
     from safety.classifier import HEADS_FILE, examples_digest
-    from safety.fit import DISTRESS_FILE, MODEL_REPLIES_FILE
+    from safety.fit import DISTRESS_FILE
 
     heads = json.loads(HEADS_FILE.read_text())
     assert heads["examples_sha256"] == examples_digest(), "examples.yaml changed: run `python -m safety fit`"
     assert heads["distress_sha256"] == examples_digest(DISTRESS_FILE), "distress.yaml changed: run `python -m safety fit`"
-    assert heads["model_replies_sha256"] == examples_digest(MODEL_REPLIES_FILE), \
-        "model_replies.yaml changed: run `python -m safety fit`"
 
 
 def _write_counsel_chat(root, rows):
@@ -1308,9 +1306,7 @@ def test_fit_makes_a_post_head_from_posts_of_twenty_words_or_more(tmp_path):
                            (2000, "a val question", request.format(i=8), "val"),
                            (1003, "a short question", "How do I say sorry?", "train")])
     out = tmp_path / "heads.json"
-    replies = tmp_path / "model_replies.yaml"
-    replies.write_text("replies:\n- Have you tried a warm bath before bed? Sleep often comes back slowly.\n")
-    fit(out=out, data_root=data, replies=replies)
+    fit(out=out, data_root=data)
     heads = json.loads(out.read_text())
     report = heads["cv"]["post"]
     assert report["posts"] == 12 + 15 + 15 and report["crisis_posts"] == 12 and report["examples"] > 200
@@ -1324,27 +1320,8 @@ def test_fit_makes_a_post_head_from_posts_of_twenty_words_or_more(tmp_path):
     from safety.classifier import JOINT_OUTPUT
 
     assert heads["cv"]["output"]["answer_windows"] == 5 and "gate" in heads["heads"]["output"]
-    assert heads["cv"]["output"]["model_reply_windows"] == 1  # round 27
     assert heads["heads"]["output"]["wary_threshold"] <= heads["heads"]["output"]["threshold"]  # round 23
     assert len(heads["heads"][JOINT_OUTPUT]["coef"]) == 2 * 384
-
-
-def test_output_thresholds_are_block_rates_on_answers_alone():
-    """Round 27: the model's own replies train the output head as ordinary replies, but the
-    thresholds stay block rates on the answers. Many model windows scored far lower than the
-    answers would pull a pooled quantile down and block more answers than the rate allows."""
-    from safety.fit import ANSWER_BLOCK_RATE, WARY_BLOCK_RATE, fit_output
-
-    rng = np.random.default_rng(0)
-    dim = 8
-    unsafe, safe = rng.normal(2, 1, (40, dim)), rng.normal(0, 1, (40, dim))
-    x, y = np.vstack([unsafe, safe]), np.array([1] * 40 + [0] * 40)
-    answers, own = rng.normal(0.5, 1, (2000, dim)), rng.normal(-3, 0.5, (8000, dim))
-    head, report, _ = fit_output(x, y, np.zeros(80, dtype=bool), answers, x_model=own)
-    assert report["model_reply_windows"] == 8000 and report["answer_windows"] == 2000
-    assert report["cv_answer_windows_blocked"] <= ANSWER_BLOCK_RATE + 1 / 2000
-    assert report["cv_answer_windows_blocked_wary"] <= WARY_BLOCK_RATE + 1 / 2000
-    assert report["cv_model_reply_windows_blocked_wary"] < report["cv_answer_windows_blocked_wary"]
 
 
 def test_output_heads_read_therapists_answers():
