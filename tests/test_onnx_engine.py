@@ -259,6 +259,25 @@ def test_compare_decodes_on_the_onnx_pair(pair_engine, monkeypatch):
     assert again == texts and cold == texts  # the kept prompt changes nothing
 
 
+def test_a_sampled_compare_on_the_pair_follows_its_seed(pair_engine):
+    """At the app's sampling settings (the pair's lean sampling, `lean_sampling`), a seed gives
+    the same two replies again, and another seed others."""
+    from chatbot.compare import stream_pair
+
+    question = ask("How can I sleep better before exams?")
+
+    def both(seed):
+        texts = ["", ""]
+        gen = GenerationConfig(max_new_tokens=32, seed=seed)
+        for row, delta in stream_pair(pair_engine, question, gen, None, (BASE, "counsel")):
+            texts[row] += delta
+        return texts
+
+    first = both(5)
+    assert all(t.strip() and "<|im_end|>" not in t for t in first)
+    assert both(5) == first and both(6) != first
+
+
 def test_stop_event_halts_the_pair_and_a_failed_pair_leaves_compare_on_torch(pair_engine, monkeypatch, caplog):
     from chatbot import onnx_pair
     from chatbot.compare import stream_pair
@@ -359,3 +378,58 @@ def test_nucleus_draw_keeps_what_transformers_top_p_keeps():
     tokens = torch.stack([nucleus_draw(0.5)(scores) for _ in range(200)])
     allowed = TopPLogitsWarper(0.5)(None, scores) > float("-inf")
     assert all(bool(allowed[row, tokens[:, row]].all()) for row in (0, 1))
+
+
+def test_the_pairs_lean_sampling_gives_what_transformers_processors_give():
+    """The pair's steps write the repetition penalty and the minimum length into their own logits
+    and draw temperature, top-k and top-p from one top-k: the same scores to the bit, and the
+    same tokens with the same probabilities as transformers' processors and softmax. A tie at the
+    k-th score, where top-k keeps more than k, is drawn the full way."""
+    import torch
+    from transformers.generation.logits_process import (
+        LogitsProcessorList, MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    from chatbot.onnx_pair import lean_sampling, top_k_nucleus
+
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(2, 49152, generator=gen) * 2
+    scores[:, :40] += torch.linspace(20, 8, 40)
+    ids = torch.randint(0, 60, (2, 30), generator=gen)  # repeats, and some of the likeliest tokens
+    eos = [2, 7]
+    for length in (20, 26):  # before and after the minimum length
+        processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.1), MinNewTokensLengthLogitsProcessor(length, 8, eos),
+                                          TemperatureLogitsWarper(0.7), TopKLogitsWarper(50), TopPLogitsWarper(0.9)])
+        expected = LogitsProcessorList(processors[:2])(ids, scores.clone())
+        lean, sample, draw = lean_sampling(processors, True)
+        assert sample and len(lean) == 2 and draw is not None
+        assert torch.equal(lean(ids, scores.clone()), expected)
+        assert bool(torch.isinf(expected[:, eos]).all()) == (length == 26)
+        processed = processors(ids, scores.clone())
+        probs = torch.softmax(processed, dim=-1)
+        index, weights = top_k_nucleus(expected, 50, 0.9, 0.7)
+        got = torch.zeros_like(scores).scatter(-1, index, weights)
+        got = got / got.sum(-1, keepdim=True)
+        assert torch.equal(got > 0, probs > 0) and torch.allclose(got, probs, atol=1e-6)
+        torch.manual_seed(0)
+        tokens = torch.stack([draw(expected.clone()) for _ in range(200)])
+        assert all(bool((probs[row, tokens[:, row]] > 0).all()) for row in (0, 1))
+        assert len(set(tokens[:, 0].tolist())) > 1  # sampled, not greedy
+
+    for top_p in (1.0, 0.5):  # top-k alone, and a narrow nucleus
+        warpers = [TemperatureLogitsWarper(1.3), TopKLogitsWarper(20)] + ([TopPLogitsWarper(top_p)] if top_p < 1 else [])
+        probs = torch.softmax(LogitsProcessorList(warpers)(None, scores.clone()), dim=-1)
+        index, weights = top_k_nucleus(scores, 20, top_p, 1.3)
+        got = torch.zeros_like(scores).scatter(-1, index, weights)
+        assert torch.equal(got > 0, probs > 0) and torch.allclose(got / got.sum(-1, keepdim=True), probs, atol=1e-6)
+
+    tied = torch.randn(2, 49152, generator=gen)
+    tied[0, 100] = tied[0, 101] = tied[0].topk(50).values[-1]  # ties with the 50th score
+    assert top_k_nucleus(tied, 50) is None
+    _, _, draw = lean_sampling(LogitsProcessorList([TopKLogitsWarper(50)]), True)
+    allowed = TopKLogitsWarper(50)(None, tied) > float("-inf")
+    assert int(allowed[0].sum()) > 50 and int(allowed[1].sum()) == 50
+    torch.manual_seed(0)
+    tokens = torch.stack([draw(tied.clone()) for _ in range(300)])
+    assert all(bool(allowed[row, tokens[:, row]].all()) for row in (0, 1))
+    assert lean_sampling(LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2)]), False)[1:] == (False, None)
