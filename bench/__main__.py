@@ -496,7 +496,62 @@ def bench_compare(tokens: int, repeats: int = 3, backend: str = "auto") -> dict:
             "vs_single": batched / times[name], "single_fine_tuned_cold_s": cold[name], "batched_cold_s": cold["pair"],
             "vs_single_cold": cold["pair"] / cold[name], "single_fine_tuned_sampled_s": sampled[name],
             "batched_sampled_s": sampled["pair"], "vs_single_sampled": sampled["pair"] / sampled[name],
-            "repeats": repeats}
+            "repeats": repeats,
+            "steps": pair_steps(engine.onnx.folders[BASE], engine.onnx.folders[("pair", name)]) if engine_name == "onnx" else None}
+
+
+def pair_steps(base_folder: Path, pair_folder: Path, past: int = 170, steps: int = 40) -> dict:
+    """One decoding step of Compare's graphs alone (no sampling, no Python loop), medians of
+    `steps` interleaved steps after `past` positions: the base model's graph with one row and
+    with two, and the pair model's two rows (the base graph with the LoRA paths). Two rows of
+    the base graph are the least a batch of two can cost on this CPU; the pair's step beyond
+    them is the LoRA paths'."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from chatbot.onnx_engine import SPIN_US, threads
+    from chatbot.onnx_pair import SCALE
+
+    decoder = json.loads((Path(base_folder) / "genai_config.json").read_text())["model"]["decoder"]
+    layers, heads, dim = decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]
+
+    def stepper(folder: Path, rows: int, scale: bool):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads()
+        options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+        session = ort.InferenceSession(str(Path(folder) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        binding, buffers = session.io_binding(), []
+        for i in range(layers):
+            for name in ("key", "value"):
+                buffers.append(np.zeros((rows, heads, past + steps + 8, dim), np.float32))
+                value = ort.OrtValue.ortvalue_from_numpy(buffers[-1])
+                binding.bind_ortvalue_input(f"past_key_values.{i}.{name}", value)
+                binding.bind_ortvalue_output(f"present.{i}.{name}", value)
+        state = {"at": past}
+
+        def step() -> float:
+            binding.bind_cpu_input("input_ids", np.full((rows, 1), 100, np.int64))
+            binding.bind_cpu_input("attention_mask", np.ones((rows, state["at"] + 1), np.int64))
+            if scale:
+                binding.bind_cpu_input(SCALE, np.array([0.0, 1.0][:rows], np.float32).reshape(rows, 1, 1))
+            binding.bind_output("logits")
+            t = time.perf_counter()
+            session.run_with_iobinding(binding)
+            state["at"] += 1
+            return time.perf_counter() - t
+
+        return step
+
+    runs = {"base_one_row_ms": stepper(base_folder, 1, False), "base_two_rows_ms": stepper(base_folder, 2, False),
+            "pair_two_rows_ms": stepper(pair_folder, 2, True)}
+    for run in runs.values():
+        run()
+    times = {label: [] for label in runs}
+    for _ in range(steps):
+        for label, run in runs.items():
+            times[label].append(run())
+    out = {label: statistics.median(v) * 1e3 for label, v in times.items()}
+    return {**out, "past": past, "steps": steps}
 
 
 def _compare_rows(c: dict) -> list[str]:
@@ -505,7 +560,16 @@ def _compare_rows(c: dict) -> list[str]:
     return [f"| compare ({where}): two {c['tokens_per_answer']}-token answers, one two-row batch | {c['batched_s']:.2f} s | one after the other {c['sequential_s']:.2f} s | {c['speedup']:.2f}x faster |",
             f"| compare ({where}): two answers against one (median of {c['repeats']}) | {c['batched_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_s']:.2f} s | {c['vs_single']:.2f}x the time |",
             f"| compare ({where}), cold (nothing kept): two answers against one | {c['batched_cold_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_cold_s']:.2f} s | {c['vs_single_cold']:.2f}x the time |",
-            f"| compare ({where}), the app's sampling settings: two answers against one | {c['batched_sampled_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_sampled_s']:.2f} s | {c['vs_single_sampled']:.2f}x the time |"]
+            f"| compare ({where}), the app's sampling settings: two answers against one | {c['batched_sampled_s']:.2f} s | one fine-tuned answer {c['single_fine_tuned_sampled_s']:.2f} s | {c['vs_single_sampled']:.2f}x the time |"
+            ] + _step_rows(c.get("steps"))
+
+
+def _step_rows(s: dict | None) -> list[str]:
+    if not s:
+        return []
+    at = f"one decoding step after {s['past']} positions, the graph alone (median of {s['steps']})"
+    return [f"| compare, {at}: two rows of the base model's graph, the least a batch of two costs here | {s['base_two_rows_ms']:.1f} ms | one row {s['base_one_row_ms']:.1f} ms | {s['base_two_rows_ms'] / s['base_one_row_ms']:.2f}x the time |",
+            f"| compare, {at}: the pair model's two rows (with the LoRA paths) | {s['pair_two_rows_ms']:.1f} ms | two rows of the base model's graph {s['base_two_rows_ms']:.1f} ms | {s['pair_two_rows_ms'] / s['base_two_rows_ms']:.2f}x the time |"]
 
 
 def _compare_only(path: str, tokens: int) -> int:

@@ -278,6 +278,18 @@ def test_a_sampled_compare_on_the_pair_follows_its_seed(pair_engine):
     assert both(5) == first and both(6) != first
 
 
+def test_bench_times_one_step_of_the_compare_graphs(pair_engine):
+    """`make bench`'s step rows: the base graph with one row and two, and the pair's two rows,
+    each a real run of the graph (the pair's needs its scale input)."""
+    from bench.__main__ import _step_rows, pair_steps
+
+    steps = pair_steps(pair_engine.onnx.folders[BASE], pair_engine.onnx.folders[("pair", "counsel")], past=20, steps=3)
+    assert all(steps[k] > 0 for k in ("base_one_row_ms", "base_two_rows_ms", "pair_two_rows_ms"))
+    rows = _step_rows(steps)
+    assert len(rows) == 2 and "two rows of the base model's graph" in rows[0] and "LoRA paths" in rows[1]
+    assert _step_rows(None) == []
+
+
 def test_stop_event_halts_the_pair_and_a_failed_pair_leaves_compare_on_torch(pair_engine, monkeypatch, caplog):
     from chatbot import onnx_pair
     from chatbot.compare import stream_pair
