@@ -445,3 +445,6 @@ def test_the_pairs_lean_sampling_gives_what_transformers_processors_give():
     tokens = torch.stack([draw(tied.clone()) for _ in range(300)])
     assert all(bool(allowed[row, tokens[:, row]].all()) for row in (0, 1))
     assert lean_sampling(LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2)]), False)[1:] == (False, None)
+    small, past_head = torch.randn(2, 100, generator=gen), torch.tensor([[5, 150, 7], [99, 3, 120]])  # ids past the head
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2), MinNewTokensLengthLogitsProcessor(3, 5, [4, 200])])
+    assert torch.equal(lean_sampling(processors, False)[0](past_head, small.clone()), processors(past_head, small.clone()))
