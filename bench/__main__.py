@@ -509,18 +509,15 @@ def pair_steps(base_folder: Path, pair_folder: Path, past: int = 170, steps: int
     import numpy as np
     import onnxruntime as ort
 
-    from chatbot.onnx_engine import SPIN_US, threads
-    from chatbot.onnx_pair import SCALE
+    from chatbot.onnx_engine import threads
+    from chatbot.onnx_pair import SCALE, session
 
     decoder = json.loads((Path(base_folder) / "genai_config.json").read_text())["model"]["decoder"]
     layers, heads, dim = decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]
 
     def stepper(folder: Path, rows: int, scale: bool):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads()
-        options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
-        session = ort.InferenceSession(str(Path(folder) / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        binding, buffers = session.io_binding(), []
+        graph = session(folder, threads())  # as the pair decoder runs it
+        binding, buffers = graph.io_binding(), []
         for i in range(layers):
             for name in ("key", "value"):
                 buffers.append(np.zeros((rows, heads, past + steps + 8, dim), np.float32))
@@ -536,7 +533,7 @@ def pair_steps(base_folder: Path, pair_folder: Path, past: int = 170, steps: int
                 binding.bind_cpu_input(SCALE, np.array([0.0, 1.0][:rows], np.float32).reshape(rows, 1, 1))
             binding.bind_output("logits")
             t = time.perf_counter()
-            session.run_with_iobinding(binding)
+            graph.run_with_iobinding(binding)
             state["at"] += 1
             return time.perf_counter() - t
 

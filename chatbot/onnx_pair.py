@@ -168,6 +168,17 @@ def export_pair(model_dir: Path, adapter_dir: Path, root: Path | None = None) ->
     return out
 
 
+def session(folder: Path, threads: int):
+    """An onnxruntime CPU session of an exported model's graph, its threads spinning as the chat
+    engine's do (onnx_engine.SPIN_US)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
+    return ort.InferenceSession(str(Path(folder) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
 class PairDecoder:
     """Decodes a pair model's two rows (0: base, 1: adapter) with onnxruntime, keeping the system
     prompt's keys and values of both rows between replies and nothing of a conversation."""
@@ -175,12 +186,7 @@ class PairDecoder:
     BLOCK = 256  # buffers grow in steps of this many positions
 
     def __init__(self, folder: Path, threads: int = 1):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.spin_duration_us", str(SPIN_US))
-        self.session = ort.InferenceSession(str(Path(folder) / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = session(folder, threads)
         decoder = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["decoder"]
         self.layers = decoder["num_hidden_layers"]
         self.shape = (decoder["num_key_value_heads"], decoder["head_size"])
@@ -284,7 +290,8 @@ class PairDecoder:
 def generate(model, pair: PairDecoder, input_ids, max_new_tokens: int, streamer=None, stopping_criteria=None,
              pad_token_id: int | None = None, shared_prefix: int = 0, **settings) -> None:
     """`generate` for Compare's two rows on a pair model: the arguments `ChatEngine` gives the
-    torch engine (`input_ids` one row, both rows read it), the same logits processors."""
+    torch engine (`input_ids` one row, both rows read it), the same logits processors' scores
+    (`lean_sampling`)."""
     from .decoder import _processors, causal_lm, eos_and_pad
 
     lm = causal_lm(model)
@@ -335,15 +342,15 @@ class PenaltyInPlace:
     scores (which are the step's own) instead of two copies of them."""
 
     def __init__(self, processor):
-        self.processor, self.penalty = processor, processor.penalty
+        self.processor = processor
 
     def __call__(self, input_ids, scores):
         import torch
 
         if int(input_ids.max()) >= scores.shape[-1]:  # ids past the output head: transformers' way
             return self.processor(input_ids, scores)
-        score = scores.gather(1, input_ids)
-        return scores.scatter_(1, input_ids, torch.where(score < 0, score * self.penalty, score / self.penalty))
+        penalty, score = self.processor.penalty, scores.gather(1, input_ids)
+        return scores.scatter_(1, input_ids, torch.where(score < 0, score * penalty, score / penalty))
 
 
 class NoEosInPlace:
@@ -381,15 +388,21 @@ def top_k_draw(top_k: int, top_p: float, temperature: float, warpers):
     """Temperature, top-k, top-p and a multinomial draw as transformers' warpers and generate do
     them, from `top_k_nucleus`: the same tokens with the same probabilities (tested). A row that
     ties at the k-th score is drawn the full way, by `warpers`."""
+    return candidate_draw(lambda scores: top_k_nucleus(scores, top_k, top_p, temperature), warpers)
+
+
+def candidate_draw(kept, warpers):
+    """A multinomial draw among the candidates `kept(scores)` gives ((ids, weights), or None to
+    draw the full way: `warpers` over the whole vocabulary, then softmax, as generate does)."""
     import torch
 
     def draw(scores):
-        kept = top_k_nucleus(scores, top_k, top_p, temperature)
-        if kept is None:
+        candidates = kept(scores)
+        if candidates is None:
             for warper in warpers:
                 scores = warper(None, scores)
             return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        index, weights = kept
+        index, weights = candidates
         return index.gather(-1, torch.multinomial(weights, num_samples=1)).squeeze(1)
 
     return draw
@@ -427,15 +440,6 @@ def nucleus_draw(top_p: float, candidates: int = NUCLEUS_CANDIDATES):
     sorting the vocabulary: sorting two rows of 49,152 and drawing from them took 6.6 ms a step
     by itself; in the pair's sampled replies this is 12-15% sooner. A row whose nucleus reaches
     past the candidates (none in 500 steps of the app's settings) is drawn the full way."""
-    import torch
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    def draw(scores):
-        kept = nucleus(scores, top_p, candidates)
-        if kept is None:
-            warped = TopPLogitsWarper(top_p)(None, scores)
-            return torch.multinomial(torch.softmax(warped, dim=-1), num_samples=1).squeeze(1)
-        index, weights = kept
-        return index.gather(-1, torch.multinomial(weights, num_samples=1)).squeeze(1)
-
-    return draw
+    return candidate_draw(lambda scores: nucleus(scores, top_p, candidates), [TopPLogitsWarper(top_p)])
