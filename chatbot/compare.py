@@ -131,8 +131,7 @@ def compare(service, message, region: str | None = None, adapter: str | None = N
     text, notice = service.prepare(full)
     verdict = service.guard.check_input(full, None)
     if verdict.crisis:
-        response = service.guard.crisis_response(region, about_other=verdict.category == "other",
-                                                 language=verdict.language)
+        response = service.crisis_reply(verdict, region)
         yield {"base": response, "finetuned": response, "status": [WITHHELD, WITHHELD], "crisis": True}
         return
     stop = stop or threading.Event()

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 EMPTY_REPLY = "It looks like that message was empty. Take your time. What's on your mind?"
 TRIMMED_NOTICE = "*(Your message was long, so I read the first {n:,} characters.)*\n\n"
+UNSCREENED_NOTICE = ("*(Your message was longer than the safety check can read ({n:,} characters at most), "
+                     "so to be safe here are the crisis resources. You can send it again in shorter parts.)*\n\n")
 ERROR_NOTICE = ("*Sorry, something went wrong while I was writing that reply. Your conversation is "
                 "kept; please try sending your message again.*")
 NO_REPLY = "I'm here and listening. Could you tell me a little more?"
@@ -96,6 +98,15 @@ class ChatService:
             return text[: self.limits.max_input_chars], TRIMMED_NOTICE.format(n=self.limits.max_input_chars)
         return text, ""
 
+    def crisis_reply(self, verdict, region: str | None = None) -> str:
+        """The crisis response for a flagged message; for one too long to screen, with a line on why."""
+        response = self.guard.crisis_response(region, about_other=verdict.category == "other", language=verdict.language)
+        if "error:too-long" in verdict.reasons:
+            from safety.guard import MAX_MESSAGE_CHARS
+
+            return UNSCREENED_NOTICE.format(n=MAX_MESSAGE_CHARS) + response
+        return response
+
     def respond(
         self,
         message,
@@ -114,7 +125,7 @@ class ChatService:
         text, notice = self.prepare(full)
         verdict = self.guard.check_input(full, conversation)  # the whole message, not just what the model reads
         if verdict.crisis:
-            yield self.guard.crisis_response(region, about_other=verdict.category == "other", language=verdict.language)
+            yield self.crisis_reply(verdict, region)
             return
         messages = build_messages(history or [], text)
         reply = ""

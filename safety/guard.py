@@ -44,7 +44,12 @@ CONTEXT_WORDS = 12  # each chunk is read after this much of the text before it: 
 # message itself and the two before it): "I just lost my job" then "what are the tallest bridges
 # around here?" (a means question; round 22 added farewells and last arrangements)
 CONTEXT_TURNS = 3
-MAX_SCREEN_CHARS = 20_000  # longer messages: the first and last 10,000 characters are screened
+# longer messages: the classifier reads their first and last 10,000 characters; the lexicon and
+# the warning signs read every character (a crisis stated mid-way through a pasted letter)
+MAX_SCREEN_CHARS = 20_000
+# a message longer than this is not read at all and fails closed: the lexicon takes about 0.7 s
+# per 100,000 characters here, and an unbounded check would hold a worker of the guard's pool
+MAX_MESSAGE_CHARS = 200_000
 _QUESTION = re.compile(r"^(what|what's|whats|how|why|when|where|who|which|is|are|can|could|should|does|do|did|will|would)\b[^.!]*\??$")
 
 
@@ -144,10 +149,11 @@ class Guard:
         hits = [h for h in found if not h.negated]
         # the multilingual heads for a message in another language (a classifier without `route`: as it is)
         route = getattr(self.classifier, "route", lambda _: (self.classifier, "en"))
-        classifier, written_in = route(text)
+        sample = _classifier_part(text)
+        classifier, written_in = route(sample)
         screen = getattr(classifier, "screen", None)  # a classifier without it: no distress reading
         # head: 'input', or a post head from 20 words on; distress: None without a distress head
-        score, head, distress = screen(text) if screen else (*classifier.scores(text), None)
+        score, head, distress = screen(sample) if screen else (*classifier.scores(sample), None)
         threshold = classifier.threshold(head)
         if head == "input" and not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))
                                              or self.lexicon.softened(text)):
@@ -190,10 +196,11 @@ class Guard:
         if not isinstance(text, str):
             return _fail_closed("not-text")
         at_risk = bool(conversation and conversation.at_risk)
-        if len(text) > MAX_SCREEN_CHARS:
-            half = MAX_SCREEN_CHARS // 2
-            text = text[:half] + "\n" + text[-half:]
-        verdict = self._run(self._input, text, at_risk)
+        if len(text) > MAX_MESSAGE_CHARS:
+            log.error("message of %d characters is too long to screen: failing closed", len(text))
+            verdict = _fail_closed("too-long")
+        else:
+            verdict = self._run(self._input, text, at_risk)
         if conversation is not None:
             earlier = conversation.recent[-(CONTEXT_TURNS - 1):]
             if (verdict.sign and any(d for d, _ in earlier)) or (verdict.distress and any(s for _, s in earlier)):
@@ -276,6 +283,15 @@ def reply_chunks(deltas: Iterator[str], min_chars: int = MIN_CHECK_CHARS,
         previous, need = _context(chunk), max(min_chars, later_chars)
     if pending:
         yield pending, previous + pending if pending.strip() else ""
+
+
+def _classifier_part(text: str) -> str:
+    """What the classifier reads of a message: all of it, or the first and last MAX_SCREEN_CHARS / 2
+    characters of a longer one (its windows cost time; the lexicon reads the whole message)."""
+    if len(text) <= MAX_SCREEN_CHARS:
+        return text
+    half = MAX_SCREEN_CHARS // 2
+    return text[:half] + "\n" + text[-half:]
 
 
 def _in_context(verdict: Verdict) -> Verdict:

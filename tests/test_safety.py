@@ -321,6 +321,27 @@ def test_long_text_is_screened_in_windows(guard):
     assert guard.check_input(text).crisis
 
 
+def test_a_crisis_in_the_middle_of_a_very_long_message_is_caught(guard):
+    """The classifier reads a message's first and last MAX_SCREEN_CHARS / 2 characters; the lexicon
+    reads all of it, so a crisis stated mid-way through a pasted letter is still caught."""
+    from safety.guard import MAX_SCREEN_CHARS
+
+    day = "Today I went to work, came home, cooked dinner and watched a show with my partner. "
+    filler = day * (MAX_SCREEN_CHARS // len(day) // 2 + 10)
+    letter = filler + "I am going to kill myself tonight. " + filler
+    assert len(letter) > MAX_SCREEN_CHARS
+    verdict = guard.check_input(letter)
+    assert verdict.crisis and any(r.startswith("lexicon:") for r in verdict.reasons)
+    assert not guard.check_input(filler + filler).crisis  # the same length without it: an ordinary message
+
+
+def test_a_message_too_long_to_screen_fails_closed(guard):
+    from safety.guard import MAX_MESSAGE_CHARS
+
+    verdict = guard.check_input("I had a nice day. " * (MAX_MESSAGE_CHARS // 18 + 1))
+    assert verdict.crisis and verdict.reasons == ["error:too-long"]
+
+
 LONG_ORDINARY = (
     "I need some advice about my budget. I moved to a new city in March and my rent went up by almost a third. "
     "I have a car loan, a small credit card balance and I try to put something aside for a pension every month. "
@@ -513,6 +534,23 @@ def test_crisis_message_never_reaches_model(guard):
     conversation = ConversationState()
     reply = service.reply("I want to kill myself", conversation=conversation, region="GB")
     assert spy.calls == [] and "116 123" in reply and conversation.at_risk
+
+
+def test_a_message_too_long_to_screen_gets_the_resources_and_why(guard):
+    """Chat and Compare: a message past MAX_MESSAGE_CHARS never reaches the model; the user reads
+    why the crisis resources came, and that a shorter message will be read."""
+    from chatbot.compare import compare
+    from chatbot.service import ChatService
+    from safety.guard import MAX_MESSAGE_CHARS
+
+    spy = SpyEngine()
+    service = ChatService(spy, guard)
+    message = "I had a nice day. " * (MAX_MESSAGE_CHARS // 18 + 1)
+    reply = service.reply(message, conversation=ConversationState(), region="GB")
+    assert spy.calls == [] and "longer than the safety check can read" in reply and "116 123" in reply
+    final = list(compare(service, message, region="GB"))[-1]
+    assert final["crisis"] and "longer than the safety check can read" in final["finetuned"]
+    assert "longer than" not in service.reply("I want to kill myself", region="GB")  # only where it applies
 
 
 @pytest.mark.parametrize("messages", [("yes", "thanks", "lol"), ("I feel numb", "I feel so alone")])
