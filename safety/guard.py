@@ -182,11 +182,14 @@ class Guard:
 
     def _output(self, text: str, wary: bool = False) -> Verdict:
         hits = [h for h in self.lexicon.match(text, "output", wary=wary) if h.severity == "high"]
-        output_score = getattr(self.classifier, "output_score", None)  # a classifier without it: as it is
-        score, head = output_score(text) if output_score else (self.classifier.score(text, "output"), "output")
+        # a reply in another language: the multilingual output head, as for a message (MiniLM reads English)
+        route = getattr(self.classifier, "route", lambda _: (self.classifier, "en"))
+        classifier, _ = route(text)
+        output_score = getattr(classifier, "output_score", None)  # a classifier without it: as it is
+        score, head = output_score(text) if output_score else (classifier.score(text, "output"), "output")
         # a marked conversation: the head's bar for it, where it has one (round 23)
-        bar = getattr(self.classifier, "wary_threshold", lambda _: None)(head) if wary else None
-        by_model = score >= (bar if bar is not None else max(self.classifier.threshold(head), self.config.output_floor))
+        bar = getattr(classifier, "wary_threshold", lambda _: None)(head) if wary else None
+        by_model = score >= (bar if bar is not None else max(classifier.threshold(head), self.config.output_floor))
         reasons = [h.reason for h in hits] + ([f"classifier:{score:.2f}"] if by_model else [])
         category = hits[0].category if hits else ("classifier" if by_model else None)
         return Verdict(bool(hits) or by_model, max(score, 1.0 if hits else 0.0), reasons, category)

@@ -1,8 +1,9 @@
 """Text normalisation before any safety check.
 
-Undoes the disguises people (and models) use: Unicode look-alikes, full-width letters, zero-width
-and bidi characters, typographic quotes, leetspeak, s p a c e d letters, stretched letters,
-common misspellings and algospeak ("kms", "unalive", "sewerslide"). Accents are removed so the
+Undoes the disguises people (and models) use: Unicode look-alikes (full-width letters, and Cyrillic
+or Greek letters among Latin ones), zero-width and bidi characters, typographic quotes, markup
+(`**kill**`, `<b>`), leetspeak, s p a c e d letters, stretched letters, common misspellings and
+algospeak ("kms", "unalive", "sewerslide", "commit sudoku"). Accents are removed so the
 multilingual lexicon needs one spelling per word.
 """
 
@@ -29,6 +30,10 @@ _SPACED = re.compile(r"\b(?:[a-z][ ._\-]){2,}[a-z]\b")
 _RUN3 = re.compile(r"([a-z])\1{2,}")
 _RUN2 = re.compile(r"([a-z])\1+")
 _WS = re.compile(r"\s+")
+_TAG = re.compile(r"</?[a-z][a-z0-9]*(?:\s[^<>]{0,80})?/?>")  # an HTML tag: "<b>", "</span>", "<br/>"
+_EMPHASIS = re.compile(r"[*~]+")  # Markdown emphasis and strike-through: "**kill**", "k*i*l*l"
+_LATIN = re.compile(r"[a-z]")
+_CYRILLIC_GREEK = re.compile(r"[\u0370-\u03ff\u0400-\u052f]")
 
 
 @lru_cache(maxsize=1)
@@ -37,6 +42,24 @@ def _replacements() -> list[tuple[str, re.Pattern, str]]:
     table = yaml.safe_load((DATA / "normalize.yaml").read_text(encoding="utf-8"))["replacements"]
     items = sorted(table.items(), key=lambda kv: -len(kv[0]))
     return [(k, re.compile(r"(?<![a-z])" + re.escape(k) + r"(?![a-z])"), v) for k, v in items]
+
+
+@lru_cache(maxsize=1)
+def _lookalikes() -> dict[int, str]:
+    """Cyrillic and Greek letters that look like Latin ones, from data/normalize.yaml."""
+    table = yaml.safe_load((DATA / "normalize.yaml").read_text(encoding="utf-8"))["lookalikes"]
+    return str.maketrans(table)
+
+
+def _unspoof(text: str) -> str:
+    """Look-alike Cyrillic and Greek letters read as Latin: in every word of a message written mostly
+    in Latin letters, else only in words that mix them with Latin ones. (Lower case, accents gone.)"""
+    if not _CYRILLIC_GREEK.search(text):
+        return text
+    table = _lookalikes()
+    if len(_LATIN.findall(text)) > len(_CYRILLIC_GREEK.findall(text)):
+        return text.translate(table)
+    return _TOKEN.sub(lambda m: m.group(0).translate(table) if _LATIN.search(m.group(0)) else m.group(0), text)
 
 
 def _strip_invisible(text: str) -> str:
@@ -78,8 +101,10 @@ def _deleet(token: str) -> str:
 
 
 def basic(text: str) -> str:
-    """Unicode clean-up only: NFKC, invisible characters, quotes, case, accents, whitespace."""
-    return _WS.sub(" ", _strip_accents(_clean(text, _QUOTES).casefold())).strip()
+    """Unicode clean-up only: NFKC, invisible characters, quotes, case, accents, look-alike letters,
+    markup, whitespace."""
+    text = _unspoof(_strip_accents(_clean(text, _QUOTES).casefold()))
+    return _WS.sub(" ", _EMPHASIS.sub(" ", _TAG.sub("", text))).strip()
 
 
 def _expand(text: str) -> str:
