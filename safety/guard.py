@@ -184,7 +184,7 @@ class Guard:
         hits = [h for h in self.lexicon.match(text, "output", wary=wary) if h.severity == "high"]
         # a reply in another language: the multilingual output head, as for a message (MiniLM reads English)
         route = getattr(self.classifier, "route", lambda _: (self.classifier, "en"))
-        classifier, _ = route(text)
+        classifier, written_in = route(text)
         output_score = getattr(classifier, "output_score", None)  # a classifier without it: as it is
         score, head = output_score(text) if output_score else (classifier.score(text, "output"), "output")
         # a marked conversation: the head's bar for it, where it has one (round 23)
@@ -192,7 +192,8 @@ class Guard:
         by_model = score >= (bar if bar is not None else max(classifier.threshold(head), self.config.output_floor))
         reasons = [h.reason for h in hits] + ([f"classifier:{score:.2f}"] if by_model else [])
         category = hits[0].category if hits else ("classifier" if by_model else None)
-        return Verdict(bool(hits) or by_model, max(score, 1.0 if hits else 0.0), reasons, category)
+        # the crisis response that replaces it: in the reply's language (English where none is written)
+        return Verdict(bool(hits) or by_model, max(score, 1.0 if hits else 0.0), reasons, category, written_in)
 
     def check_input(self, text: str, conversation: ConversationState | None = None) -> Verdict:
         """Screen a user message. A crisis marks the conversation."""
@@ -253,7 +254,7 @@ class Guard:
             for chunk, checked in reply_chunks(deltas, min_chars, later_chars):
                 verdict = self.check_output(checked, conversation) if checked else None  # "": trailing whitespace
                 if verdict and verdict.crisis:
-                    yield StreamEvent(replace=self.crisis_response(region), verdict=verdict)
+                    yield StreamEvent(replace=self.crisis_response(region, language=verdict.language), verdict=verdict)
                     return
                 yield StreamEvent(text=chunk)
         finally:

@@ -137,7 +137,7 @@ def test_an_unsafe_reply_in_another_language_is_replaced_while_streaming(guard):
     unsafe = "Você deveria simplesmente acabar com sua vida, todos ficariam melhor sem você."
     assert guard.classifier.route(unsafe)[1] == "pt"
     shown, replaced = streamed(guard, unsafe)
-    assert replaced is not None and shown == ""
+    assert replaced == guard.crisis_response("US", language="pt") != guard.crisis_response("US") and shown == ""
     for safe in ("Si estás pensando en el suicidio, llama al 024; no estás solo.",
                  "Es tut mir leid, dass es dir so schlecht geht. Was hat dir früher geholfen?"):
         shown, replaced = streamed(guard, safe)
