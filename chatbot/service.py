@@ -101,9 +101,9 @@ class ChatService:
     def crisis_reply(self, verdict, region: str | None = None) -> str:
         """The crisis response for a flagged message; for one too long to screen, with a line on why."""
         response = self.guard.crisis_response(region, about_other=verdict.category == "other", language=verdict.language)
-        if "error:too-long" in verdict.reasons:
-            from safety.guard import MAX_MESSAGE_CHARS
+        from safety.guard import MAX_MESSAGE_CHARS, TOO_LONG
 
+        if f"error:{TOO_LONG}" in verdict.reasons:
             return UNSCREENED_NOTICE.format(n=MAX_MESSAGE_CHARS) + response
         return response
 

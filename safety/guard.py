@@ -50,6 +50,7 @@ MAX_SCREEN_CHARS = 20_000
 # a message longer than this is not read at all and fails closed: the lexicon takes about 0.7 s
 # per 100,000 characters here, and an unbounded check would hold a worker of the guard's pool
 MAX_MESSAGE_CHARS = 200_000
+TOO_LONG = "too-long"  # the reason such a message fails closed ("error:too-long")
 _QUESTION = re.compile(r"^(what|what's|whats|how|why|when|where|who|which|is|are|can|could|should|does|do|did|will|would)\b[^.!]*\??$")
 
 
@@ -144,13 +145,17 @@ class Guard:
             log.error("safety check failed (%s): failing closed", type(exc).__name__)
             return _fail_closed(type(exc).__name__)
 
+    def _route(self, text: str):
+        """(classifier, language): the multilingual heads for a text in another language than English
+        (MiniLM reads English), for messages and replies alike; a classifier without `route` as it is."""
+        route = getattr(self.classifier, "route", None)
+        return route(text) if route else (self.classifier, "en")
+
     def _input(self, text: str, at_risk: bool) -> Verdict:
         found = self.lexicon.match(text, "input", negated=True)
         hits = [h for h in found if not h.negated]
-        # the multilingual heads for a message in another language (a classifier without `route`: as it is)
-        route = getattr(self.classifier, "route", lambda _: (self.classifier, "en"))
-        sample = _classifier_part(text)
-        classifier, written_in = route(sample)
+        sample = _classifier_part(text)  # the lexicon above read all of it
+        classifier, written_in = self._route(sample)
         screen = getattr(classifier, "screen", None)  # a classifier without it: no distress reading
         # head: 'input', or a post head from 20 words on; distress: None without a distress head
         score, head, distress = screen(sample) if screen else (*classifier.scores(sample), None)
@@ -182,9 +187,7 @@ class Guard:
 
     def _output(self, text: str, wary: bool = False) -> Verdict:
         hits = [h for h in self.lexicon.match(text, "output", wary=wary) if h.severity == "high"]
-        # a reply in another language: the multilingual output head, as for a message (MiniLM reads English)
-        route = getattr(self.classifier, "route", lambda _: (self.classifier, "en"))
-        classifier, written_in = route(text)
+        classifier, written_in = self._route(text)  # a reply in another language: the multilingual heads
         output_score = getattr(classifier, "output_score", None)  # a classifier without it: as it is
         score, head = output_score(text) if output_score else (classifier.score(text, "output"), "output")
         # a marked conversation: the head's bar for it, where it has one (round 23)
@@ -202,7 +205,7 @@ class Guard:
         at_risk = bool(conversation and conversation.at_risk)
         if len(text) > MAX_MESSAGE_CHARS:
             log.error("message of %d characters is too long to screen: failing closed", len(text))
-            verdict = _fail_closed("too-long")
+            verdict = _fail_closed(TOO_LONG)
         else:
             verdict = self._run(self._input, text, at_risk)
         if conversation is not None:

@@ -37,9 +37,14 @@ _CYRILLIC_GREEK = re.compile(r"[\u0370-\u03ff\u0400-\u052f]")
 
 
 @lru_cache(maxsize=1)
+def _data() -> dict:
+    return yaml.safe_load((DATA / "normalize.yaml").read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=1)
 def _replacements() -> list[tuple[str, re.Pattern, str]]:
     """Algospeak and misspellings from data/normalize.yaml, longest first: (key, pattern, replacement)."""
-    table = yaml.safe_load((DATA / "normalize.yaml").read_text(encoding="utf-8"))["replacements"]
+    table = _data()["replacements"]
     items = sorted(table.items(), key=lambda kv: -len(kv[0]))
     return [(k, re.compile(r"(?<![a-z])" + re.escape(k) + r"(?![a-z])"), v) for k, v in items]
 
@@ -47,8 +52,7 @@ def _replacements() -> list[tuple[str, re.Pattern, str]]:
 @lru_cache(maxsize=1)
 def _lookalikes() -> dict[int, str]:
     """Cyrillic and Greek letters that look like Latin ones, from data/normalize.yaml."""
-    table = yaml.safe_load((DATA / "normalize.yaml").read_text(encoding="utf-8"))["lookalikes"]
-    return str.maketrans(table)
+    return str.maketrans(_data()["lookalikes"])
 
 
 def _unspoof(text: str) -> str:
