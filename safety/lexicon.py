@@ -56,6 +56,8 @@ class Lexicon:
         self.means_purposes = re.compile(data.get("means_purposes", r"(?!)"))
         self.farewell_signs = [(raw["id"], re.compile(raw["pattern"])) for raw in data.get("farewell_signs", [])]
         self.farewell_reasons = re.compile(data.get("farewell_reasons", r"(?!)"))
+        # replies in other languages: a negator of the entry's language shortly before the match
+        self.output_negators = {lang: re.compile(p) for lang, p in data.get("output_negators", {}).items()}
         self.entries: dict[str, list[Entry]] = {}
         for stage in STAGES:
             entries = []
@@ -64,9 +66,12 @@ class Lexicon:
                     raise ValueError(f"{path}: entry {raw['id']}: severity must be one of {SEVERITIES}")
                 if raw.get("wary") and stage != "output":  # a marked conversation lowers the input bar instead
                     raise ValueError(f"{path}: entry {raw['id']}: only output entries can be wary")
+                if ("pattern" in raw) == ("patterns" in raw):
+                    raise ValueError(f"{path}: entry {raw['id']}: give either pattern or a list of patterns")
+                pattern = raw.get("pattern") or "|".join(f"(?:{p})" for p in raw["patterns"])
                 entries.append(
                     Entry(raw["id"], raw["category"], raw["severity"], bool(raw.get("negatable")),
-                          re.compile(raw["pattern"]), raw.get("lang", "en"), bool(raw.get("wary")))
+                          re.compile(pattern), raw.get("lang", "en"), bool(raw.get("wary")))
                 )
             self.entries[stage] = entries
 
@@ -79,6 +84,13 @@ class Lexicon:
         before = " ".join(clause.split()[-self.negation_words :])
         return bool(self.negators.search(before) or self.negation_phrases.search(clause)
                     or self.negated_after.match(text[end : end + 60]))
+
+    def _denied_reply(self, text: str, start: int, lang: str) -> bool:
+        """A reply in another language that denies or reports what follows: a negator or "you feel
+        that" of its language among the few words before the match, in the same clause ("no tomes
+        todas las pastillas", "Bitte nimm nicht alle Tabletten auf einmal")."""
+        clause = re.split(r"[.!?;,:]", text[:start])[-1]
+        return bool(self.output_negators[lang].search(" ".join(clause.split()[-self.negation_words:])))
 
     def _idiom(self, text: str, start: int, end: int) -> bool:
         """True when an idiom overlaps the match: "I could die of embarrassment"."""
@@ -130,7 +142,9 @@ class Lexicon:
                 for m in entry.pattern.finditer(form):
                     if self._idiom(form, m.start(), m.end()):
                         continue
-                    denied = entry.negatable and (self._negated(form, m.start(), m.end()) or self._recovered(form))
+                    denied = entry.negatable and (self._denied_reply(form, m.start(), entry.lang)
+                                                  if stage == "output" and entry.lang in self.output_negators
+                                                  else self._negated(form, m.start(), m.end()) or self._recovered(form))
                     if denied and entry.id not in negated_hits:
                         negated_hits[entry.id] = Hit(entry.id, entry.category, entry.severity, m.group(0), True, entry.lang)
                         continue
