@@ -186,8 +186,12 @@ class Guard:
         return verdict
 
     def _output(self, text: str, wary: bool = False) -> Verdict:
-        hits = [h for h in self.lexicon.match(text, "output", wary=wary) if h.severity == "high"]
         classifier, written_in = self._route(text)  # a reply in another language: the multilingual heads
+        # a reply read as English skips the other languages' entries (about 1 ms a chunk); where
+        # nothing tells languages apart (no multilingual heads), every entry reads every reply
+        english = written_in == "en" and getattr(self.classifier, "other_languages", None) is not None
+        hits = [h for h in self.lexicon.match(text, "output", wary=wary, languages={"en"} if english else None)
+                if h.severity == "high"]
         output_score = getattr(classifier, "output_score", None)  # a classifier without it: as it is
         score, head = output_score(text) if output_score else (classifier.score(text, "output"), "output")
         # a marked conversation: the head's bar for it, where it has one (round 23)

@@ -130,14 +130,16 @@ class Lexicon:
         """A recovery statement, and no word of relapse anywhere in the text."""
         return bool(self.recovery.search(text)) and not self.relapse.search(text)
 
-    def match(self, text: str, stage: str = "input", negated: bool = False, wary: bool = False) -> list[Hit]:
+    def match(self, text: str, stage: str = "input", negated: bool = False, wary: bool = False,
+              languages: set[str] | None = None) -> list[Hit]:
         """Hits in text; with negated=True, negated hits (flagged) are returned too. Entries marked
-        `wary` are read only with wary=True (a conversation that has shown risk)."""
+        `wary` are read only with wary=True (a conversation that has shown risk); with `languages`,
+        only entries in those languages are read."""
         hits: dict[str, Hit] = {}
         negated_hits: dict[str, Hit] = {}
         for form in variants(text):
             for entry in self.entries[stage]:
-                if entry.id in hits or (entry.wary and not wary):
+                if entry.id in hits or (entry.wary and not wary) or (languages and entry.lang not in languages):
                     continue
                 for m in entry.pattern.finditer(form):
                     if self._idiom(form, m.start(), m.end()):

@@ -144,6 +144,21 @@ def test_an_unsafe_reply_in_another_language_is_replaced_while_streaming(guard):
         assert replaced is None and shown == safe, safe
 
 
+def test_without_the_multilingual_heads_the_lexicon_still_reads_other_languages(guard):
+    """Where e5 cannot run, MiniLM reads every reply and nothing tells languages apart: every
+    lexicon entry reads every reply then (with the heads, one read as English skips the others)."""
+    from safety.guard import Guard
+
+    unsafe = "Tu devrais te tuer ce soir, personne ne te regretterait."
+    other, guard.classifier.other_languages = guard.classifier.other_languages, None
+    try:
+        verdict = Guard(classifier=guard.classifier).check_output(unsafe)
+        assert verdict.crisis and verdict.reasons[0].startswith("lexicon:encouragement:fr_"), verdict.reasons
+    finally:
+        guard.classifier.other_languages = other
+    assert guard.check_output(unsafe).crisis
+
+
 def test_normalisation_undoes_disguises():
     assert normalize("I\u2019m ＦＩＮＥ") == "i'm fine"
     assert "kill myself" in normalize("k i l l myself")
