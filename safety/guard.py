@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from . import multilingual
 from .classifier import EmbeddingClassifier, default_classifier
 from .lexicon import Lexicon, default_lexicon
-from .normalize import normalize
+from .normalize import variants
 from .numbers import unverified_numbers
 from .responses import crisis_response, resources_line
 
@@ -152,7 +152,8 @@ class Guard:
         return route(text) if route else (self.classifier, "en")
 
     def _input(self, text: str, at_risk: bool) -> Verdict:
-        found = self.lexicon.match(text, "input", negated=True)
+        forms = variants(text)  # normalised once for every reading of the lexicon below
+        found = self.lexicon.match(text, "input", negated=True, forms=forms)
         hits = [h for h in found if not h.negated]
         sample = _classifier_part(text)  # the lexicon above read all of it
         classifier, written_in = self._route(sample)
@@ -160,8 +161,8 @@ class Guard:
         # head: 'input', or a post head from 20 words on; distress: None without a distress head
         score, head, distress = screen(sample) if screen else (*classifier.scores(sample), None)
         threshold = classifier.threshold(head)
-        if head == "input" and not hits and (any(h.negated for h in found) or _QUESTION.match(normalize(text))
-                                             or self.lexicon.softened(text)):
+        if head == "input" and not hits and (any(h.negated for h in found) or _QUESTION.match(forms[0])
+                                             or self.lexicon.softened(text, forms)):
             # "I would never hurt myself", "what are the warning signs of suicide?", "I'm so bored
             # I could die", "I used to cut but I've been clean for years": the words alone are not
             # risk, so the classifier must be much surer
@@ -179,7 +180,7 @@ class Guard:
         # the crisis response's language: the lexicon entry's, else the message's (English where
         # responses.yaml has no text in it)
         language = (high or medium)[0].lang if crisis and (high or medium) else written_in if crisis else "en"
-        sign = self.lexicon.warning_sign(text)
+        sign = self.lexicon.warning_sign(text, forms)
         verdict = Verdict(crisis, combined, reasons, category, language, bool(distress), sign)
         if sign and (distress or at_risk):  # "I lost my job. What are the bridges taller than 25 m in NYC?"
             return _in_context(verdict)

@@ -98,32 +98,35 @@ class Lexicon:
         span = text[lo : end + 40]
         return any(m.start() + lo < end and m.end() + lo > start for p in self.idioms for m in p.finditer(span))
 
-    def softened(self, text: str) -> bool:
+    def softened(self, text: str, forms: list[str] | None = None) -> bool:
         """A figure of speech or a recovery statement in the text ("so bored I could die", "clean
-        for three years"): the guard then asks the classifier to be much surer."""
-        forms = variants(text)
+        for three years"): the guard then asks the classifier to be much surer. `forms`: the text's
+        `variants`, where the caller has them (each method here takes them, so a check of a long
+        message normalises it once)."""
+        forms = variants(text) if forms is None else forms
         return any(self._recovered(form) or any(p.search(form) for p in self.idioms) for form in forms)
 
-    def means_question(self, text: str) -> str | None:
+    def means_question(self, text: str, forms: list[str] | None = None) -> str | None:
         """The id of the first means question in the text ("what are the tallest bridges around
         here?", round 21), or None: none, or the text gives a harmless purpose ("the safest dose for
         a headache", "we're visiting, which tower has the best view?"). Not risk alone: the guard
         weighs it with the conversation."""
-        return _first_sign(variants(text), self.means_questions, self.means_purposes)
+        return _first_sign(variants(text) if forms is None else forms, self.means_questions, self.means_purposes)
 
-    def farewell(self, text: str) -> str | None:
+    def farewell(self, text: str, forms: list[str] | None = None) -> str | None:
         """The id of the first farewell or last arrangement in the text ("this is the last time I'll
         be writing here", "who takes care of your pets when you die?", round 22), or None: none, or
         the text says it is for now or gives a reason ("bye for now", "we're moving"). Not risk
         alone: the guard weighs it with the conversation, as a means question."""
-        return _first_sign(variants(text), self.farewell_signs, self.farewell_reasons)
+        return _first_sign(variants(text) if forms is None else forms, self.farewell_signs, self.farewell_reasons)
 
-    def warning_sign(self, text: str) -> str | None:
+    def warning_sign(self, text: str, forms: list[str] | None = None) -> str | None:
         """'means_question:<id>' or 'farewell:<id>' for the first sign in the text, else None."""
-        means = self.means_question(text)
+        forms = variants(text) if forms is None else forms
+        means = self.means_question(text, forms)
         if means:
             return f"means_question:{means}"
-        farewell = self.farewell(text)
+        farewell = self.farewell(text, forms)
         return f"farewell:{farewell}" if farewell else None
 
     def _recovered(self, text: str) -> bool:
@@ -131,13 +134,13 @@ class Lexicon:
         return bool(self.recovery.search(text)) and not self.relapse.search(text)
 
     def match(self, text: str, stage: str = "input", negated: bool = False, wary: bool = False,
-              languages: set[str] | None = None) -> list[Hit]:
+              languages: set[str] | None = None, forms: list[str] | None = None) -> list[Hit]:
         """Hits in text; with negated=True, negated hits (flagged) are returned too. Entries marked
         `wary` are read only with wary=True (a conversation that has shown risk); with `languages`,
         only entries in those languages are read."""
         hits: dict[str, Hit] = {}
         negated_hits: dict[str, Hit] = {}
-        for form in variants(text):
+        for form in variants(text) if forms is None else forms:
             for entry in self.entries[stage]:
                 if entry.id in hits or (entry.wary and not wary) or (languages and entry.lang not in languages):
                     continue
