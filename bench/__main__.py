@@ -586,6 +586,9 @@ SAFETY_INPUTS = ["I've been feeling a bit low this week and I'm not sure why.", 
 # read by the multilingual heads (safety/multilingual.py)
 OTHER_LANGUAGE_INPUTS = ["Me siento un poco triste esta semana y no sé por qué.", "je veux mourir",
                          "wie beende ich einen Python-Prozess", "Ik heb volgende week examens en ik ben gestrest."]
+# replies read by the multilingual output head and the lexicon's entries in those languages (stop 38)
+OTHER_LANGUAGE_OUTPUTS = ["Parece que has tenido mucho encima estos días. ¿Qué te ha ayudado antes?",
+                          "Wenn du an Suizid denkst, ruf bitte die Telefonseelsorge an: 0800 111 0 111."]
 # 20 to 60 words: scored by the post head, on MiniLM and e5 together where e5 runs (classifier.JOINT_POST)
 LONG_INPUTS = [
     "My partner and I keep arguing about money. She wants to save for a house and I want to travel while we "
@@ -612,6 +615,7 @@ def bench_safety(n: int = 60) -> dict:
     res = {}
     for stage, texts, fn in (("input", inputs, guard.check_input), ("output", outputs, guard.check_output),
                              ("other_language", OTHER_LANGUAGE_INPUTS, guard.check_input),
+                             ("other_language_output", OTHER_LANGUAGE_OUTPUTS, guard.check_output),
                              ("long_input", LONG_INPUTS, guard.check_input)):
         res[f"{stage}_p50_ms"], res[f"{stage}_p95_ms"] = _timed_checks(fn, texts, n)
     # The control for the in-app row (bench_variants): the same pause with no reply before it. Where
@@ -642,7 +646,8 @@ def _safety_only(json_path: str) -> int:
     print(f"Machine: {result['machine']}")
     print("| measure | value | baseline | ratio |\n|---|---|---|---|")
     for stage, what in (("input", "input check"), ("output", "output check"),
-                        ("other_language", "input check in another language")):
+                        ("other_language", "input check in another language"),
+                        ("other_language_output", "output check of a reply in another language")):
         print(f"| {what} p50 / p95, back to back | {g[stage + '_p50_ms']:.1f} / {g[stage + '_p95_ms']:.1f} ms | | |")
     print(_long_input_row(g))
     print(_after_pause_row(g))
@@ -700,6 +705,7 @@ def main() -> int:
     print(f"| input check p50 / p95 as in the app: after a reply and a {IDLE_PAUSE_S} s pause | {v['input_check_in_app_p50_ms']:.1f} / {v['input_check_in_app_p95_ms']:.1f} ms | back to back (above) | |")
     print(_after_pause_row(g))
     print(f"| input check in another language (multilingual heads) p50 / p95, back to back; as in the app | {g['other_language_p50_ms']:.1f} / {g['other_language_p95_ms']:.1f} ms; {v['other_language_check_in_app_p50_ms']:.1f} / {v['other_language_check_in_app_p95_ms']:.1f} ms | | |")
+    print(f"| output check of a reply in another language (multilingual head and lexicon) p50 / p95, back to back | {g['other_language_output_p50_ms']:.1f} / {g['other_language_output_p95_ms']:.1f} ms | | |")
     print(_long_input_row(g))
     for length, t in tr.items():
         naive = f"naive padding to {length} ({t['naive_fixed_length_padding_share']:.0%} padding): {t['naive_fixed_length_useful_tok_s']:.0f}"
