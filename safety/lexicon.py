@@ -14,6 +14,8 @@ from .normalize import variants
 LEXICON_FILE = Path(__file__).parent / "data" / "lexicon.yaml"
 STAGES = ("input", "output")
 SEVERITIES = ("high", "medium")
+_CLAUSE = re.compile(r"[.!?;,:]")  # where a clause ends, for negation
+_ENGLISH_CLAUSE = re.compile(r"[.!?;,:]|\bbut\b|\bjust\b|\band\b")
 
 
 @dataclass(frozen=True)
@@ -75,22 +77,25 @@ class Lexicon:
                 )
             self.entries[stage] = entries
 
+    def _last_words(self, clause: str) -> str:
+        """The few words of a clause that a negator must be among (`negation_words`)."""
+        return " ".join(clause.split()[-self.negation_words :])
+
     def _negated(self, text: str, start: int, end: int) -> bool:
         """A negator among the few words before the match, in the same clause; a longer negating
         phrase that ends at the match; or a negation right after it ("... isn't something I'd do")."""
-        clause = re.split(r"[.!?;,:]|\bbut\b|\bjust\b|\band\b", text[:start])[-1]
+        clause = _ENGLISH_CLAUSE.split(text[:start])[-1]
         if self.not_negations.search(clause):
             return False
-        before = " ".join(clause.split()[-self.negation_words :])
-        return bool(self.negators.search(before) or self.negation_phrases.search(clause)
+        return bool(self.negators.search(self._last_words(clause)) or self.negation_phrases.search(clause)
                     or self.negated_after.match(text[end : end + 60]))
 
     def _denied_reply(self, text: str, start: int, lang: str) -> bool:
         """A reply in another language that denies or reports what follows: a negator or "you feel
         that" of its language among the few words before the match, in the same clause ("no tomes
         todas las pastillas", "Bitte nimm nicht alle Tabletten auf einmal")."""
-        clause = re.split(r"[.!?;,:]", text[:start])[-1]
-        return bool(self.output_negators[lang].search(" ".join(clause.split()[-self.negation_words:])))
+        clause = _CLAUSE.split(text[:start])[-1]
+        return bool(self.output_negators[lang].search(self._last_words(clause)))
 
     def _idiom(self, text: str, start: int, end: int) -> bool:
         """True when an idiom overlaps the match: "I could die of embarrassment"."""
