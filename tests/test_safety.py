@@ -1801,9 +1801,10 @@ def test_bench_only_safety_prints_the_check_latencies(tmp_path, monkeypatch, cap
     assert main() == 0
     table = capsys.readouterr().out
     assert "input check of a 37-to-42-word message (post head)" in table
-    assert "after a 0.05 s pause, no reply before it (3 checks)" in table
+    assert "| input check p50 / p95 after a 0.05 s pause, no reply before it (3 checks)" in table
+    assert "| input check in another language p50 / p95 after a 0.05 s pause, no reply before it (3 checks)" in table
     result = json.loads(out.read_text())
     assert "output check of a reply in another language" in table
     assert {"input_p95_ms", "output_p95_ms", "other_language_p95_ms", "other_language_output_p95_ms",
-            "long_input_p95_ms", "input_after_pause_p95_ms"} <= set(result["safety"])
+            "long_input_p95_ms", "input_after_pause_p95_ms", "other_language_after_pause_p95_ms"} <= set(result["safety"])
     assert all(v > 0 for v in result["safety"].values())
