@@ -108,7 +108,7 @@ class Lexicon:
         for three years"): the guard then asks the classifier to be much surer. `forms`: the text's
         `variants`, where the caller has them (each method here takes them, so a check of a long
         message normalises it once)."""
-        forms = variants(text) if forms is None else forms
+        forms = _forms(text, forms)
         return any(self._recovered(form) or any(p.search(form) for p in self.idioms) for form in forms)
 
     def means_question(self, text: str, forms: list[str] | None = None) -> str | None:
@@ -116,18 +116,18 @@ class Lexicon:
         here?", round 21), or None: none, or the text gives a harmless purpose ("the safest dose for
         a headache", "we're visiting, which tower has the best view?"). Not risk alone: the guard
         weighs it with the conversation."""
-        return _first_sign(variants(text) if forms is None else forms, self.means_questions, self.means_purposes)
+        return _first_sign(_forms(text, forms), self.means_questions, self.means_purposes)
 
     def farewell(self, text: str, forms: list[str] | None = None) -> str | None:
         """The id of the first farewell or last arrangement in the text ("this is the last time I'll
         be writing here", "who takes care of your pets when you die?", round 22), or None: none, or
         the text says it is for now or gives a reason ("bye for now", "we're moving"). Not risk
         alone: the guard weighs it with the conversation, as a means question."""
-        return _first_sign(variants(text) if forms is None else forms, self.farewell_signs, self.farewell_reasons)
+        return _first_sign(_forms(text, forms), self.farewell_signs, self.farewell_reasons)
 
     def warning_sign(self, text: str, forms: list[str] | None = None) -> str | None:
         """'means_question:<id>' or 'farewell:<id>' for the first sign in the text, else None."""
-        forms = variants(text) if forms is None else forms
+        forms = _forms(text, forms)
         means = self.means_question(text, forms)
         if means:
             return f"means_question:{means}"
@@ -145,7 +145,7 @@ class Lexicon:
         only entries in those languages are read."""
         hits: dict[str, Hit] = {}
         negated_hits: dict[str, Hit] = {}
-        for form in variants(text) if forms is None else forms:
+        for form in _forms(text, forms):
             for entry in self.entries[stage]:
                 if entry.id in hits or (entry.wary and not wary) or (languages and entry.lang not in languages):
                     continue
@@ -163,6 +163,11 @@ class Lexicon:
                         break
         extra = [h for k, h in negated_hits.items() if k not in hits] if negated else []
         return list(hits.values()) + extra
+
+
+def _forms(text: str, forms: list[str] | None) -> list[str]:
+    """The text's `variants`, or those the caller already has (a check normalises a message once)."""
+    return variants(text) if forms is None else forms
 
 
 def _first_sign(forms: list[str], signs: list[tuple[str, re.Pattern]], excuse: re.Pattern) -> str | None:
